@@ -1,0 +1,1 @@
+"""HTTP layer: routes (v1, v2, ops), request reading and error responses."""

@@ -1,0 +1,245 @@
+"""/v1: one POST route per loss (generated from the table), the alias route,
+the catalog and batches."""
+
+from __future__ import annotations
+
+import time
+from functools import cache
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, FastAPI, Request
+from starlette.responses import Response
+
+from service.api.problems import problem_body
+from service.api.runtime import Runtime, parse_json, read_body, require_json, runtime
+from service.compute import Timings, evaluate
+from service.config import Settings
+from service.errors import FieldError, InvalidPayload, ServiceError
+from service.losses import LOSSES, LossSpec, resolve
+from service.schemas import (
+    BatchRequest,
+    BatchResponse,
+    LossInfo,
+    LossList,
+    LossResponse,
+    Problem,
+    request_model,
+)
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "description": text, "content": {"application/problem+json": {}}}
+    for status, text in {
+        404: "Unknown loss",
+        413: "Body or tensors over the limit",
+        415: "Not JSON",
+        422: "Invalid payload",
+        503: "Overloaded or out of device memory (Retry-After)",
+    }.items()
+}
+
+
+def json_response(content: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), media_type="application/json", headers=headers)
+
+
+def _evaluate_body(spec: LossSpec, body: bytes, settings: Settings) -> tuple[bytes, Timings]:
+    timings = Timings()
+    start = time.perf_counter()
+    payload = parse_json(body)
+    timings.decode += time.perf_counter() - start
+    result = evaluate(spec, payload, settings, timings)
+    start = time.perf_counter()
+    content = orjson.dumps(result)
+    timings.encode += time.perf_counter() - start
+    return content, timings
+
+
+async def _serve_loss(request: Request, spec: LossSpec) -> Response:
+    require_json(request)
+    rt = runtime(request)
+    body = await read_body(request, rt.settings.max_body_bytes)
+    content, timings = await rt.run(_evaluate_body, spec, body, rt.settings)
+    return Response(
+        content, media_type="application/json", headers={"Server-Timing": timings.header()}
+    )
+
+
+def _loss_endpoint(spec: LossSpec) -> Any:
+    async def endpoint(request: Request) -> Response:
+        return await _serve_loss(request, spec)
+
+    endpoint.__name__ = f"post_{spec.name}"
+    endpoint.__doc__ = f"Evaluate torch.nn.functional.{spec.name} (alias {spec.alias})."
+    return endpoint
+
+
+@cache
+def example_response(spec: LossSpec) -> dict[str, Any]:
+    """The worked example's result, computed by torch on the CPU."""
+    result = evaluate(spec, {**spec.example, "device": "cpu"}, Settings(), Timings())
+    return dict(result)
+
+
+def loss_info(spec: LossSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "aliases": [spec.alias],
+        "description": spec.description,
+        "formula": spec.formula,
+        "arguments": [
+            {
+                "name": a.name,
+                "role": a.role,
+                "shape": a.shape,
+                "required": a.required,
+                "differentiable": a.name in spec.maybe_differentiable,
+                "prediction": a.prediction,
+                "description": a.description,
+            }
+            for a in spec.args
+        ],
+        "options": [
+            {
+                "name": o.name,
+                "type": o.type.__name__,
+                "default": o.default,
+                "allowed": list(o.choices) if o.choices is not None else None,
+                "description": o.description,
+            }
+            for o in spec.options
+        ]
+        + [
+            {
+                "name": "reduction",
+                "type": "str",
+                "default": "mean",
+                "allowed": list(spec.reductions),
+                "description": "how the per-element losses are reduced",
+            }
+        ],
+        "differentiable": spec.maybe_differentiable,
+        "example": {"request": spec.example, "response": example_response(spec)},
+    }
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["v1"])
+
+    @router.get("/losses", response_model=LossList)
+    def list_losses() -> Response:
+        """List every loss with its arguments, options and a worked example."""
+        return json_response({"losses": [loss_info(s) for s in LOSSES.values()]})
+
+    @router.get("/losses/{name}", response_model=LossInfo, responses={404: ERROR_RESPONSES[404]})
+    def describe_loss(name: str) -> Response:
+        """Describe one loss (canonical name or torch.nn class name)."""
+        return json_response(loss_info(resolve(name)))
+
+    for spec in LOSSES.values():
+        router.add_api_route(
+            f"/losses/{spec.name}",
+            _loss_endpoint(spec),
+            methods=["POST"],
+            response_model=LossResponse,
+            responses=ERROR_RESPONSES,
+            summary=f"{spec.name} ({spec.alias})",
+            description=f"{spec.description}\n\nPer-element loss: `{spec.formula}`",
+            operation_id=f"post_{spec.name}",
+            openapi_extra={
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": f"#/components/schemas/{request_model(spec).__name__}"},
+                            "example": spec.example,
+                        }
+                    },
+                }
+            },
+        )
+
+    @router.post("/losses/{name}", include_in_schema=False)
+    async def post_by_alias(name: str, request: Request) -> Response:
+        """Evaluate a loss named by its torch.nn class name (any case)."""
+        return await _serve_loss(request, resolve(name))
+
+    @router.post(
+        "/batch",
+        response_model=BatchResponse,
+        responses={k: v for k, v in ERROR_RESPONSES.items() if k != 404},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/BatchRequest"},
+                        "example": BatchRequest.model_json_schema()["examples"][0],
+                    }
+                },
+            }
+        },
+    )
+    async def batch(request: Request) -> Response:
+        """Evaluate many losses in one request; each item fails alone."""
+        require_json(request)
+        rt = runtime(request)
+        body = await read_body(request, rt.settings.max_body_bytes)
+        content, timings = await rt.run(_evaluate_batch, body, rt.settings)
+        return Response(
+            content, media_type="application/json", headers={"Server-Timing": timings.header()}
+        )
+
+    return router
+
+
+def _evaluate_batch(body: bytes, settings: Settings) -> tuple[bytes, Timings]:
+    timings = Timings()
+    payload = parse_json(body)
+    items = payload.get("items") if isinstance(payload, dict) else None
+    if not isinstance(items, list) or set(payload) != {"items"}:
+        raise InvalidPayload(
+            [FieldError(("body", "items"), 'expected {"items": [{"loss": "<name>", ...}, ...]}')]
+        )
+    results: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        loc: tuple[str | int, ...] = ("body", "items", index)
+        try:
+            if not isinstance(item, dict) or not isinstance(item.get("loss"), str):
+                raise InvalidPayload(
+                    [FieldError((*loc, "loss"), "expected an object with a \"loss\" name")]
+                )
+            fields = {k: v for k, v in item.items() if k != "loss"}
+            results.append(evaluate(resolve(item["loss"]), fields, settings, timings, loc))
+        except ServiceError as exc:
+            results.append({"error": problem_body(exc)})
+    start = time.perf_counter()
+    content = orjson.dumps({"results": results})
+    timings.encode += time.perf_counter() - start
+    return content, timings
+
+
+def register_models(app: FastAPI) -> None:
+    """Put the per-loss request models into the OpenAPI components."""
+    from pydantic.json_schema import models_json_schema
+
+    models = [request_model(s) for s in LOSSES.values()] + [BatchRequest]
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original()
+        _, defs = models_json_schema(
+            [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        for spec in LOSSES.values():
+            op = schema["paths"][f"/v1/losses/{spec.name}"]["post"]
+            op["responses"]["200"]["content"]["application/json"]["example"] = (
+                example_response(spec)
+            )
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

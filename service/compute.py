@@ -1,0 +1,288 @@
+"""decode -> F.<loss> -> autograd -> encode, for one validated request.
+
+Everything here is synchronous and CPU- or GPU-bound: the API layer runs it
+in a bounded worker pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from service.config import Settings
+from service.errors import FieldError, InvalidPayload, Overloaded, invalid
+from service.losses import LossSpec
+from service.losses.registry import Tensors
+from service.schemas import LossRequestBase, parse_request
+from service.tensors import (
+    FLOAT_DTYPES,
+    ElementBudget,
+    coerce_role,
+    decode_raw,
+    decode_tensor,
+    dtype_name,
+    encode_scalar,
+    encode_tensor,
+)
+
+# Errors torch raises for argument combinations it does not accept.
+TORCH_ARGUMENT_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
+
+
+@dataclass
+class Timings:
+    decode: float = 0.0
+    compute: float = 0.0
+    encode: float = 0.0
+
+    def header(self) -> str:
+        return ", ".join(
+            f"{name};dur={getattr(self, name) * 1000:.3f}"
+            for name in ("decode", "compute", "encode")
+        )
+
+
+@dataclass
+class Evaluation:
+    spec: LossSpec
+    request: LossRequestBase
+    value: torch.Tensor
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return devices
+
+
+def resolve_device(requested: str | None, default: str) -> torch.device:
+    name = requested if requested is not None else default
+    loc = "device" if requested is not None else "device (the server default)"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is not None and device.type == "cpu" and device.index in (None, 0):
+        return torch.device("cpu")
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        if device.index is None or device.index < torch.cuda.device_count():
+            return device
+    raise invalid(
+        loc,
+        f"device {name!r} is not available on this server; it has "
+        f"{', '.join(available_devices())} (or use \"auto\")",
+    )
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    spec: LossSpec,
+    body: Any,
+    settings: Settings,
+    timings: Timings,
+    loc: tuple[str | int, ...] = ("body",),
+) -> dict[str, Any]:
+    """One loss request body -> the response body (contract section 4)."""
+    start = time.perf_counter()
+    request = parse_request(spec, body, loc)
+    try:
+        device = resolve_device(request.device, settings.device)
+        float_dtype = FLOAT_DTYPES[request.dtype]
+        budget = ElementBudget(settings.max_tensor_elements)
+        tensors = decode_arguments(spec, request, float_dtype, budget)
+        options = {name: getattr(request, name) for name in spec.option_names}
+        if spec.validate is not None:
+            spec.validate(tensors, options)
+        grad_names = grad_targets(spec, request, tensors)
+    except InvalidPayload as exc:
+        raise _relocate(exc, loc) from None
+    tensors = {
+        k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()
+    }
+    decoded = time.perf_counter()
+    timings.decode += decoded - start
+
+    evaluation = run_loss(spec, request, tensors, options, grad_names, budget, loc)
+    computed = time.perf_counter()
+    timings.compute += computed - decoded
+
+    response = encode_evaluation(evaluation)
+    timings.encode += time.perf_counter() - computed
+    return response
+
+
+def decode_arguments(
+    spec: LossSpec, request: LossRequestBase, float_dtype: torch.dtype, budget: ElementBudget
+) -> Tensors:
+    tensors: Tensors = {}
+    for arg in spec.args:
+        value = getattr(request, arg.name)
+        if value is None:
+            continue
+        if arg.role == "float_or_number" and isinstance(value, int | float) and not isinstance(
+            value, bool
+        ):
+            tensors[arg.name] = float(value)
+        elif arg.role == "class_target":
+            raw, explicit = decode_raw(
+                value, field=arg.name, role="any", float_dtype=float_dtype, budget=budget
+            )
+            input = tensors["input"]
+            assert isinstance(input, torch.Tensor)
+            role = "float" if list(raw.shape) == list(input.shape) else "index"
+            tensors[arg.name] = coerce_role(
+                raw, field=arg.name, role=role, float_dtype=float_dtype, explicit=explicit
+            )
+        else:
+            role = "index" if arg.role == "index" else "float"
+            tensors[arg.name] = decode_tensor(
+                value, field=arg.name, role=role, float_dtype=float_dtype, budget=budget
+            )
+    return tensors
+
+
+def grad_targets(spec: LossSpec, request: LossRequestBase, tensors: Tensors) -> list[str]:
+    """The argument names whose gradients the request asks for, checked."""
+    if request.grad is False:
+        if request.grad_output is not None:
+            raise invalid("grad_output", "grad_output is only used with grad")
+        return []
+    if request.grad is True:
+        return [n for n in spec.prediction_args if isinstance(tensors.get(n), torch.Tensor)]
+    differentiable = spec.differentiable_args(tensors)
+    names: list[str] = []
+    for name in request.grad:
+        if name not in differentiable:
+            why = (
+                "was not given"
+                if name in spec.tensor_names and name not in tensors
+                else "is not differentiable here"
+                if name in spec.tensor_names
+                else "is not an argument of this loss"
+            )
+            raise invalid(
+                "grad",
+                f"cannot differentiate {spec.name} with respect to {name!r}: it {why}; "
+                f"differentiable arguments: {', '.join(differentiable) or 'none'}",
+            )
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def run_loss(
+    spec: LossSpec,
+    request: LossRequestBase,
+    tensors: Tensors,
+    options: dict[str, Any],
+    grad_names: list[str],
+    budget: ElementBudget,
+    loc: tuple[str | int, ...],
+) -> Evaluation:
+    kwargs = spec.torch_options(options) if spec.torch_options else options
+    try:
+        if not grad_names:
+            with torch.inference_mode():
+                value = spec.fn(**tensors, **kwargs)
+            return Evaluation(spec, request, value)
+        leaves = []
+        for name in grad_names:
+            tensor = tensors[name]
+            assert isinstance(tensor, torch.Tensor)
+            tensors[name] = tensor.requires_grad_(True)
+            leaves.append(tensors[name])
+        value = spec.fn(**tensors, **kwargs)
+        grad_output = decode_grad_output(request, value, budget, loc)
+        grads = torch.autograd.grad(value, leaves, grad_outputs=grad_output, allow_unused=True)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise Overloaded("the device ran out of memory; retry later or send less", retry_after=2)
+    except TORCH_ARGUMENT_ERRORS as exc:
+        raise _torch_error(spec, exc, tensors, request, loc) from None
+    return Evaluation(
+        spec,
+        request,
+        value.detach(),
+        {n: g if g is not None else torch.zeros_like(tensors[n]) for n, g in zip(
+            grad_names, grads, strict=True)},  # type: ignore[arg-type]
+    )
+
+
+def decode_grad_output(
+    request: LossRequestBase,
+    value: torch.Tensor,
+    budget: ElementBudget,
+    loc: tuple[str | int, ...],
+) -> torch.Tensor:
+    if request.grad_output is None:
+        return torch.ones_like(value)
+    try:
+        grad_output = decode_tensor(
+            request.grad_output, field="grad_output", role="float", float_dtype=value.dtype,
+            budget=budget,
+        )
+        if list(grad_output.shape) != list(value.shape):
+            raise invalid(
+                "grad_output",
+                f"expected shape {list(value.shape)} (the loss output's, reduction="
+                f"{request.reduction!r}), got {list(grad_output.shape)}",
+            )
+    except InvalidPayload as exc:
+        raise _relocate(exc, loc) from None
+    return grad_output.to(device=value.device, dtype=value.dtype)
+
+
+def _torch_error(
+    spec: LossSpec,
+    exc: Exception,
+    tensors: Tensors,
+    request: LossRequestBase,
+    loc: tuple[str | int, ...],
+) -> InvalidPayload:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "not implemented for" in message:
+        first = next((v for v in tensors.values() if isinstance(v, torch.Tensor)), None)
+        where = f" on {first.device.type}" if first is not None else ""
+        dtypes = sorted({dtype_name(v.dtype) for v in tensors.values()
+                         if isinstance(v, torch.Tensor) and v.is_floating_point()})
+        return InvalidPayload([FieldError(
+            (*loc, "dtype"),
+            f"torch does not support {spec.name} for dtype {', '.join(dtypes)}{where}: "
+            f"{message}",
+        )])
+    return InvalidPayload([FieldError(
+        loc, f"torch.nn.functional.{spec.name} rejected the arguments: {message}"
+    )])
+
+
+def _relocate(exc: InvalidPayload, loc: tuple[str | int, ...]) -> InvalidPayload:
+    """Field errors are raised with ("body", field); re-root them under ``loc``."""
+    if loc == ("body",):
+        return exc
+    return InvalidPayload([FieldError((*loc, *e.loc[1:]), e.msg) for e in exc.errors])
+
+
+def encode_evaluation(evaluation: Evaluation) -> dict[str, Any]:
+    value, encoding = evaluation.value, evaluation.request.encoding
+    response: dict[str, Any] = {
+        "loss": evaluation.spec.name,
+        "value": encode_scalar(value) if value.dim() == 0 else encode_tensor(value, encoding),
+        "shape": list(value.shape),
+        "dtype": dtype_name(value.dtype),
+        "device": str(value.device),
+    }
+    if evaluation.request.grad is not False:
+        response["grad"] = {n: encode_tensor(g, encoding) for n, g in evaluation.grads.items()}
+    return response

@@ -1,0 +1,58 @@
+"""The application: ``create_app()``, and ``app`` for ``uvicorn service.main:app``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
+
+from service import __version__
+from service.api import ops, problems, v1
+from service.api.runtime import Runtime
+from service.config import Settings, settings as default_settings
+
+DESCRIPTION = """
+Evaluate any `torch.nn.functional` loss over HTTP: post tensors and options
+under their torch names, get the loss value and, on request, its gradients.
+Results equal the in-process torch call. Names, defaults and options are
+torch's; `torch.nn` class names (`CrossEntropyLoss`) work as aliases of the
+function names (`cross_entropy`) at `POST /v1/losses/{name}`.
+"""
+
+# torch warns about its own documented behaviour (kl_div's "mean", broadcasting
+# targets); the service returns exactly what torch computes and the warning
+# would only fill the log once per request.
+warnings.filterwarnings("ignore", message="reduction: 'mean' divides the total loss")
+warnings.filterwarnings("ignore", message="Using a target size")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or default_settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        app.state.devices = ops.probe_devices()
+        yield
+
+    app = FastAPIOffline(
+        title="loss-service",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.runtime = Runtime(settings)
+    app.state.devices = []
+    problems.install(app)
+    app.include_router(v1.build_router())
+    app.include_router(ops.build_router())
+    v1.register_models(app)
+    return app
+
+
+app = create_app()

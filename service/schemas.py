@@ -1,0 +1,259 @@
+"""Request and response models, generated from the loss table.
+
+Tensor fields are typed ``TensorIn``: pydantic validates the envelope (names,
+options, dtypes, encodings) and passes tensor values through untouched, so no
+Python object is validated per element; ``service.tensors`` decodes them.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model
+
+from service.errors import FieldError, InvalidPayload
+from service.losses import LOSSES, LossSpec
+from service.tensors import DTYPES, FLOAT_DTYPES
+
+_NUMBER_OR_NONFINITE: dict[str, Any] = {
+    "anyOf": [{"type": "number"}, {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}]
+}
+TENSOR_SCHEMA: dict[str, Any] = {
+    "title": "Tensor",
+    "description": (
+        "A number (0-dim), a rectangular nested array of numbers, "
+        '{"shape", "dtype", "data": [flat row-major]} or '
+        '{"shape", "dtype", "b64": "<little-endian row-major bytes>"}. '
+        'Non-finite values are the strings "NaN", "Infinity", "-Infinity".'
+    ),
+    "anyOf": [
+        _NUMBER_OR_NONFINITE,
+        {"type": "array", "items": {}},
+        {
+            "type": "object",
+            "properties": {
+                "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                "dtype": {"type": "string", "enum": list(DTYPES)},
+                "data": {"type": "array", "items": _NUMBER_OR_NONFINITE},
+            },
+            "required": ["shape", "data"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {
+                "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                "dtype": {"type": "string", "enum": list(DTYPES)},
+                "b64": {"type": "string", "contentEncoding": "base64"},
+            },
+            "required": ["shape", "b64"],
+            "additionalProperties": False,
+        },
+    ],
+}
+TensorIn = Annotated[Any, WithJsonSchema(TENSOR_SCHEMA)]
+TensorOut = Annotated[Any, WithJsonSchema({**TENSOR_SCHEMA, "title": "Tensor"})]
+
+FloatDType = Literal["float16", "bfloat16", "float32", "float64"]
+EncodingName = Literal["nested", "flat", "b64"]
+assert set(FloatDType.__args__) == set(FLOAT_DTYPES)  # type: ignore[attr-defined]
+
+DEPRECATED_OPTIONS = ("size_average", "reduce")
+
+
+class LossRequestBase(BaseModel):
+    """Fields every loss request has besides its tensors and options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str | None = Field(
+        None,
+        description='"cpu", "cuda", "cuda:N" or "auto" (cuda when present); '
+        "null = the server's default (LOSS_SERVICE_DEVICE)",
+    )
+    dtype: FloatDType = Field(
+        "float32", description="dtype of float-role arguments given as plain arrays"
+    )
+    grad: bool | list[str] = Field(
+        False,
+        description="true = gradients of the prediction arguments; or a list naming any "
+        "differentiable float argument",
+    )
+    grad_output: TensorIn | None = Field(
+        None, description="the upstream gradient, shaped like the loss output; default ones"
+    )
+    encoding: EncodingName = Field(
+        "nested", description="how tensors in the response are written"
+    )
+
+
+def _option_type(option: Any) -> Any:
+    if option.choices is not None:
+        values = tuple(c for c in option.choices if c is not None)
+        literal = Literal[values]  # type: ignore[valid-type]
+        return literal | None if None in option.choices else literal
+    return option.type
+
+
+@cache
+def request_model(spec: LossSpec) -> type[LossRequestBase]:
+    """The typed request body of one loss (its OpenAPI schema)."""
+    fields: dict[str, Any] = {}
+    for arg in spec.args:
+        text = f"{arg.role} role, shape {arg.shape}" + (
+            f"; {arg.description}" if arg.description else ""
+        )
+        default = ... if arg.required else None
+        annotation = TensorIn if arg.required else TensorIn | None
+        fields[arg.name] = (annotation, Field(default, description=text))
+    for option in spec.options:
+        fields[option.name] = (
+            _option_type(option),
+            Field(option.default, description=option.description, ge=option.ge, le=option.le),
+        )
+    fields["reduction"] = (
+        Literal[spec.reductions],  # type: ignore[valid-type]
+        Field("mean", description="how the per-element losses are reduced"),
+    )
+    name = spec.alias.replace("Loss", "") + "LossRequest"
+    model = create_model(name, __base__=LossRequestBase, **fields)
+    model.__doc__ = f"Arguments of torch.nn.functional.{spec.name}, plus the service's own."
+    model.model_config["json_schema_extra"] = {"examples": [spec.example]}
+    return model
+
+
+def parse_request(spec: LossSpec, body: Any, loc: tuple[str | int, ...] = ("body",)) -> Any:
+    """Validate a request body's envelope; tensor values are left as they came."""
+    if not isinstance(body, dict):
+        raise InvalidPayload(
+            [FieldError(loc, f"expected a JSON object, got {type(body).__name__}")]
+        )
+    deprecated = [k for k in DEPRECATED_OPTIONS if k in body]
+    if deprecated:
+        raise InvalidPayload(
+            [
+                FieldError(
+                    (*loc, k),
+                    f"{k} is deprecated in torch; use reduction "
+                    f"({', '.join(repr(r) for r in spec.reductions)}) instead",
+                )
+                for k in deprecated
+            ]
+        )
+    try:
+        return request_model(spec).model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc, loc) from None
+
+
+def validation_error(exc: ValidationError, loc: tuple[str | int, ...]) -> InvalidPayload:
+    errors = []
+    for e in exc.errors(include_url=False):
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field for this loss"
+        elif e["type"] != "missing" and "input" in e:
+            shown = repr(e["input"])
+            msg = f"{msg}, got {shown if len(shown) <= 60 else shown[:57] + '...'}"
+        errors.append(FieldError((*loc, *e["loc"]), msg))
+    return InvalidPayload(errors)
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class LossResponse(BaseModel):
+    loss: str = Field(description="canonical torch.nn.functional name")
+    value: float | str | TensorOut = Field(
+        description="a number for a 0-dim loss (\"NaN\"/\"Infinity\"/\"-Infinity\" if not "
+        "finite), else a tensor in the requested encoding"
+    )
+    shape: list[int]
+    dtype: str
+    device: str
+    grad: dict[str, TensorOut] | None = Field(
+        None, description="d loss / d argument, present only when asked for"
+    )
+
+
+class ProblemError(BaseModel):
+    loc: list[str | int]
+    msg: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[ProblemError] | None = None
+
+
+class ArgumentInfo(BaseModel):
+    name: str
+    role: str
+    shape: str
+    required: bool
+    differentiable: bool
+    prediction: bool
+    description: str
+
+
+class OptionInfo(BaseModel):
+    name: str
+    type: str
+    default: Any
+    allowed: list[Any] | None = None
+    description: str
+
+
+class ExampleInfo(BaseModel):
+    request: dict[str, Any]
+    response: dict[str, Any]
+
+
+class LossInfo(BaseModel):
+    name: str
+    aliases: list[str]
+    description: str
+    formula: str
+    arguments: list[ArgumentInfo]
+    options: list[OptionInfo]
+    differentiable: list[str]
+    example: ExampleInfo
+
+
+class LossList(BaseModel):
+    losses: list[LossInfo]
+
+
+class BatchItem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    loss: str = Field(description="loss name or torch.nn class name")
+
+
+class BatchRequest(BaseModel):
+    items: list[BatchItem] = Field(description="each item: a loss name plus a §4 request body")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {"loss": "cross_entropy", **LOSSES["cross_entropy"].example},
+                        {"loss": "MSELoss", **LOSSES["mse_loss"].example},
+                    ]
+                }
+            ]
+        }
+    )
+
+
+class BatchError(BaseModel):
+    error: Problem
+
+
+class BatchResponse(BaseModel):
+    results: list[LossResponse | BatchError]
