@@ -20,6 +20,7 @@ from service.schemas import LossRequestBase, parse_request
 from service.tensors import (
     FLOAT_DTYPES,
     ElementBudget,
+    Role,
     coerce_role,
     decode_raw,
     decode_tensor,
@@ -74,13 +75,17 @@ def resolve_device(requested: str | None, default: str) -> torch.device:
         device = None
     if device is not None and device.type == "cpu" and device.index in (None, 0):
         return torch.device("cpu")
-    if device is not None and device.type == "cuda" and torch.cuda.is_available():
-        if device.index is None or device.index < torch.cuda.device_count():
-            return device
+    if (
+        device is not None
+        and device.type == "cuda"
+        and torch.cuda.is_available()
+        and (device.index is None or device.index < torch.cuda.device_count())
+    ):
+        return device
     raise invalid(
         loc,
         f"device {name!r} is not available on this server; it has "
-        f"{', '.join(available_devices())} (or use \"auto\")",
+        f'{", ".join(available_devices())} (or use "auto")',
     )
 
 
@@ -94,63 +99,93 @@ def evaluate(
     timings: Timings,
     loc: tuple[str | int, ...] = ("body",),
 ) -> dict[str, Any]:
-    """One loss request body -> the response body (contract section 4)."""
+    """One v1 loss request body (parsed JSON) -> the response body (contract section 4)."""
     start = time.perf_counter()
     request = parse_request(spec, body, loc)
+    timings.decode += time.perf_counter() - start
+    evaluation = evaluate_request(spec, request, settings, timings, loc)
+    start = time.perf_counter()
+    response = encode_evaluation(evaluation)
+    timings.encode += time.perf_counter() - start
+    return response
+
+
+def evaluate_request(
+    spec: LossSpec,
+    request: LossRequestBase,
+    settings: Settings,
+    timings: Timings,
+    loc: tuple[str | int, ...] = ("body",),
+    decoded: dict[str, tuple[torch.Tensor, bool]] | None = None,
+) -> Evaluation:
+    """Decode, check and compute one validated request.
+
+    ``decoded`` holds tensors that arrived already decoded (the v2 binary
+    extension), each with whether its dtype was explicit; the request's own
+    fields are decoded for the other arguments.
+    """
+    start = time.perf_counter()
     try:
         device = resolve_device(request.device, settings.device)
         float_dtype = FLOAT_DTYPES[request.dtype]
         budget = ElementBudget(settings.max_tensor_elements)
-        tensors = decode_arguments(spec, request, float_dtype, budget)
+        tensors = decode_arguments(spec, request, float_dtype, budget, decoded or {})
         options = {name: getattr(request, name) for name in spec.option_names}
         if spec.validate is not None:
             spec.validate(tensors, options)
         grad_names = grad_targets(spec, request, tensors)
     except InvalidPayload as exc:
         raise _relocate(exc, loc) from None
-    tensors = {
-        k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()
-    }
-    decoded = time.perf_counter()
-    timings.decode += decoded - start
-
+    tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+    decoded_at = time.perf_counter()
+    timings.decode += decoded_at - start
     evaluation = run_loss(spec, request, tensors, options, grad_names, budget, loc)
-    computed = time.perf_counter()
-    timings.compute += computed - decoded
-
-    response = encode_evaluation(evaluation)
-    timings.encode += time.perf_counter() - computed
-    return response
+    timings.compute += time.perf_counter() - decoded_at
+    return evaluation
 
 
 def decode_arguments(
-    spec: LossSpec, request: LossRequestBase, float_dtype: torch.dtype, budget: ElementBudget
+    spec: LossSpec,
+    request: LossRequestBase,
+    float_dtype: torch.dtype,
+    budget: ElementBudget,
+    decoded: dict[str, tuple[torch.Tensor, bool]],
 ) -> Tensors:
     tensors: Tensors = {}
     for arg in spec.args:
         value = getattr(request, arg.name)
-        if value is None:
+        if arg.name in decoded:
+            raw, explicit = decoded[arg.name]
+        elif value is None:
             continue
-        if arg.role == "float_or_number" and isinstance(value, int | float) and not isinstance(
-            value, bool
+        elif (
+            arg.role == "float_or_number"
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
         ):
             tensors[arg.name] = float(value)
-        elif arg.role == "class_target":
+            continue
+        else:
             raw, explicit = decode_raw(
-                value, field=arg.name, role="any", float_dtype=float_dtype, budget=budget
+                value,
+                field=arg.name,
+                role=_wire_role(arg.role),
+                float_dtype=float_dtype,
+                budget=budget,
             )
+        role: Role = _wire_role(arg.role)
+        if arg.role == "class_target":
             input = tensors["input"]
             assert isinstance(input, torch.Tensor)
             role = "float" if list(raw.shape) == list(input.shape) else "index"
-            tensors[arg.name] = coerce_role(
-                raw, field=arg.name, role=role, float_dtype=float_dtype, explicit=explicit
-            )
-        else:
-            role = "index" if arg.role == "index" else "float"
-            tensors[arg.name] = decode_tensor(
-                value, field=arg.name, role=role, float_dtype=float_dtype, budget=budget
-            )
+        tensors[arg.name] = coerce_role(
+            raw, field=arg.name, role=role, float_dtype=float_dtype, explicit=explicit
+        )
     return tensors
+
+
+def _wire_role(role: str) -> Role:
+    return "index" if role == "index" else "any" if role == "class_target" else "float"
 
 
 def grad_targets(spec: LossSpec, request: LossRequestBase, tensors: Tensors) -> list[str]:
@@ -197,26 +232,29 @@ def run_loss(
             with torch.inference_mode():
                 value = spec.fn(**tensors, **kwargs)
             return Evaluation(spec, request, value)
-        leaves = []
+        leaves: list[torch.Tensor] = []
         for name in grad_names:
             tensor = tensors[name]
             assert isinstance(tensor, torch.Tensor)
-            tensors[name] = tensor.requires_grad_(True)
-            leaves.append(tensors[name])
+            leaves.append(tensor.requires_grad_(True))
         value = spec.fn(**tensors, **kwargs)
         grad_output = decode_grad_output(request, value, budget, loc)
         grads = torch.autograd.grad(value, leaves, grad_outputs=grad_output, allow_unused=True)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        raise Overloaded("the device ran out of memory; retry later or send less", retry_after=2)
+        raise Overloaded(
+            "the device ran out of memory; retry later or send less", retry_after=2
+        ) from None
     except TORCH_ARGUMENT_ERRORS as exc:
         raise _torch_error(spec, exc, tensors, request, loc) from None
     return Evaluation(
         spec,
         request,
         value.detach(),
-        {n: g if g is not None else torch.zeros_like(tensors[n]) for n, g in zip(
-            grad_names, grads, strict=True)},  # type: ignore[arg-type]
+        {
+            n: g if g is not None else torch.zeros_like(leaf)
+            for n, g, leaf in zip(grad_names, grads, leaves, strict=True)
+        },
     )
 
 
@@ -230,14 +268,17 @@ def decode_grad_output(
         return torch.ones_like(value)
     try:
         grad_output = decode_tensor(
-            request.grad_output, field="grad_output", role="float", float_dtype=value.dtype,
+            request.grad_output,
+            field="grad_output",
+            role="float",
+            float_dtype=value.dtype,
             budget=budget,
         )
         if list(grad_output.shape) != list(value.shape):
             raise invalid(
                 "grad_output",
                 f"expected shape {list(value.shape)} (the loss output's, reduction="
-                f"{request.reduction!r}), got {list(grad_output.shape)}",
+                f"{getattr(request, 'reduction', 'mean')!r}), got {list(grad_output.shape)}",
             )
     except InvalidPayload as exc:
         raise _relocate(exc, loc) from None
@@ -255,16 +296,25 @@ def _torch_error(
     if "not implemented for" in message:
         first = next((v for v in tensors.values() if isinstance(v, torch.Tensor)), None)
         where = f" on {first.device.type}" if first is not None else ""
-        dtypes = sorted({dtype_name(v.dtype) for v in tensors.values()
-                         if isinstance(v, torch.Tensor) and v.is_floating_point()})
-        return InvalidPayload([FieldError(
-            (*loc, "dtype"),
-            f"torch does not support {spec.name} for dtype {', '.join(dtypes)}{where}: "
-            f"{message}",
-        )])
-    return InvalidPayload([FieldError(
-        loc, f"torch.nn.functional.{spec.name} rejected the arguments: {message}"
-    )])
+        dtypes = sorted(
+            {
+                dtype_name(v.dtype)
+                for v in tensors.values()
+                if isinstance(v, torch.Tensor) and v.is_floating_point()
+            }
+        )
+        return InvalidPayload(
+            [
+                FieldError(
+                    (*loc, "dtype"),
+                    f"torch does not support {spec.name} for dtype {', '.join(dtypes)}{where}: "
+                    f"{message}",
+                )
+            ]
+        )
+    return InvalidPayload(
+        [FieldError(loc, f"torch.nn.functional.{spec.name} rejected the arguments: {message}")]
+    )
 
 
 def _relocate(exc: InvalidPayload, loc: tuple[str | int, ...]) -> InvalidPayload:

@@ -13,7 +13,8 @@ from fastapi_offline import FastAPIOffline
 from service import __version__
 from service.api import ops, problems, v1
 from service.api.runtime import Runtime
-from service.config import Settings, settings as default_settings
+from service.config import Settings
+from service.config import settings as default_settings
 
 DESCRIPTION = """
 Evaluate any `torch.nn.functional` loss over HTTP: post tensors and options

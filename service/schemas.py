@@ -83,9 +83,7 @@ class LossRequestBase(BaseModel):
     grad_output: TensorIn | None = Field(
         None, description="the upstream gradient, shaped like the loss output; default ones"
     )
-    encoding: EncodingName = Field(
-        "nested", description="how tensors in the response are written"
-    )
+    encoding: EncodingName = Field("nested", description="how tensors in the response are written")
 
 
 def _option_type(option: Any) -> Any:
@@ -113,7 +111,7 @@ def request_model(spec: LossSpec) -> type[LossRequestBase]:
             Field(option.default, description=option.description, ge=option.ge, le=option.le),
         )
     fields["reduction"] = (
-        Literal[spec.reductions],  # type: ignore[valid-type]
+        Literal[spec.reductions],
         Field("mean", description="how the per-element losses are reduced"),
     )
     name = spec.alias.replace("Loss", "") + "LossRequest"
@@ -166,7 +164,7 @@ def validation_error(exc: ValidationError, loc: tuple[str | int, ...]) -> Invali
 class LossResponse(BaseModel):
     loss: str = Field(description="canonical torch.nn.functional name")
     value: float | str | TensorOut = Field(
-        description="a number for a 0-dim loss (\"NaN\"/\"Infinity\"/\"-Infinity\" if not "
+        description='a number for a 0-dim loss ("NaN"/"Infinity"/"-Infinity" if not '
         "finite), else a tensor in the requested encoding"
     )
     shape: list[int]

@@ -39,9 +39,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-FLOAT_DTYPES: dict[str, torch.dtype] = {
-    k: v for k, v in DTYPES.items() if v.is_floating_point
-}
+FLOAT_DTYPES: dict[str, torch.dtype] = {k: v for k, v in DTYPES.items() if v.is_floating_point}
 INTEGER_DTYPES = frozenset({torch.int64, torch.int32, torch.uint8})
 
 MAX_DIMS = 64
@@ -179,9 +177,7 @@ def _decode_object(
     elif isinstance(dtype_field, str) and dtype_field in DTYPES:
         dtype = DTYPES[dtype_field]
     else:
-        raise invalid(
-            (field, "dtype"), f"expected one of {', '.join(DTYPES)}, got {dtype_field!r}"
-        )
+        raise invalid((field, "dtype"), f"expected one of {', '.join(DTYPES)}, got {dtype_field!r}")
 
     if "b64" in value:
         return _decode_b64(value["b64"], field, shape, numel, dtype)
@@ -232,7 +228,7 @@ def bytes_to_tensor(
     data: bytes | bytearray | memoryview, dtype: torch.dtype, shape: list[int], *, as_bool: bool
 ) -> torch.Tensor:
     """Little-endian row-major bytes -> a tensor owning its memory (one copy)."""
-    if not shape or math.prod(shape):
+    if math.prod(shape, start=1) != 0:
         tensor = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
     else:
         tensor = torch.empty(shape, dtype=dtype)
@@ -388,4 +384,3 @@ def _nonfinite_text(value: float) -> str:
     if math.isnan(value):
         return "NaN"
     return "Infinity" if value > 0 else "-Infinity"
-

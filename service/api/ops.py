@@ -23,7 +23,9 @@ def build_router() -> APIRouter:
         devices = getattr(request.app.state, "devices", None)
         if not devices:
             return Response(
-                b'{"status":"starting"}', status_code=503, media_type="application/json",
+                b'{"status":"starting"}',
+                status_code=503,
+                media_type="application/json",
                 headers={"Retry-After": "1"},
             )
         return json_response({"status": "ready", "devices": devices})

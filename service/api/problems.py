@@ -38,8 +38,7 @@ def error_response(request: Request, error: ServiceError) -> Response:
     else:
         content = orjson.dumps(problem_body(error))
         media_type = "application/problem+json"
-    return Response(content, status_code=error.status, media_type=media_type,
-                    headers=error.headers)
+    return Response(content, status_code=error.status, media_type=media_type, headers=error.headers)
 
 
 class _HTTPProblem(ServiceError):
@@ -62,8 +61,9 @@ def install(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        return error_response(request, _HTTPProblem(exc.status_code, str(exc.detail),
-                                                    exc.headers))
+        return error_response(
+            request, _HTTPProblem(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+        )
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)

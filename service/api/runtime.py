@@ -12,7 +12,7 @@ import orjson
 from starlette.requests import Request
 
 from service.config import Settings
-from service.errors import InvalidPayload, FieldError, PayloadTooLarge, UnsupportedMediaType
+from service.errors import FieldError, InvalidPayload, PayloadTooLarge, UnsupportedMediaType
 
 T = TypeVar("T")
 

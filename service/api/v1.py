@@ -12,7 +12,7 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from service.api.problems import problem_body
-from service.api.runtime import Runtime, parse_json, read_body, require_json, runtime
+from service.api.runtime import parse_json, read_body, require_json, runtime
 from service.compute import Timings, evaluate
 from service.config import Settings
 from service.errors import FieldError, InvalidPayload, ServiceError
@@ -151,7 +151,9 @@ def build_router() -> APIRouter:
                     "required": True,
                     "content": {
                         "application/json": {
-                            "schema": {"$ref": f"#/components/schemas/{request_model(spec).__name__}"},
+                            "schema": {
+                                "$ref": f"#/components/schemas/{request_model(spec).__name__}"
+                            },
                             "example": spec.example,
                         }
                     },
@@ -207,7 +209,7 @@ def _evaluate_batch(body: bytes, settings: Settings) -> tuple[bytes, Timings]:
         try:
             if not isinstance(item, dict) or not isinstance(item.get("loss"), str):
                 raise InvalidPayload(
-                    [FieldError((*loc, "loss"), "expected an object with a \"loss\" name")]
+                    [FieldError((*loc, "loss"), 'expected an object with a "loss" name')]
                 )
             fields = {k: v for k, v in item.items() if k != "loss"}
             results.append(evaluate(resolve(item["loss"]), fields, settings, timings, loc))
@@ -236,8 +238,8 @@ def register_models(app: FastAPI) -> None:
         schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
         for spec in LOSSES.values():
             op = schema["paths"][f"/v1/losses/{spec.name}"]["post"]
-            op["responses"]["200"]["content"]["application/json"]["example"] = (
-                example_response(spec)
+            op["responses"]["200"]["content"]["application/json"]["example"] = example_response(
+                spec
             )
         app.openapi_schema = schema
         return schema

@@ -95,8 +95,12 @@ def class_target(tensors: Tensors, options: Mapping[str, Any]) -> None:
 def same_shape(field: str, ref: str = "input") -> Any:
     def check(tensors: Tensors, options: Mapping[str, Any]) -> None:
         expect_shape(
-            field, tensor(tensors, field), shape(tensor(tensors, ref)), "(same as input)",
-            ref, tensor(tensors, ref),
+            field,
+            tensor(tensors, field),
+            shape(tensor(tensors, ref)),
+            "(same as input)",
+            ref,
+            tensor(tensors, ref),
         )
 
     return check
@@ -106,8 +110,11 @@ def binary_cross_entropy(tensors: Tensors, options: Mapping[str, Any]) -> None:
     same_shape("target")(tensors, options)
     input = tensor(tensors, "input")
     if input.numel() and not bool(((input >= 0) & (input <= 1)).all()):
-        raise invalid("input", "expected probabilities in [0, 1] (apply sigmoid first, "
-                      "or use binary_cross_entropy_with_logits)")
+        raise invalid(
+            "input",
+            "expected probabilities in [0, 1] (apply sigmoid first, "
+            "or use binary_cross_entropy_with_logits)",
+        )
 
 
 def multilabel_margin(tensors: Tensors, options: Mapping[str, Any]) -> None:
@@ -156,9 +163,7 @@ def ctc(tensors: Tensors, options: Mapping[str, Any]) -> None:
                 f"expected shape (N, S) with N = {log_probs.shape[1]}, got {shape(targets)}",
             )
         if target_lengths.numel() and int(target_lengths.max()) > targets.shape[1]:
-            raise invalid(
-                "target_lengths", f"expected lengths at most S = {targets.shape[1]}"
-            )
+            raise invalid("target_lengths", f"expected lengths at most S = {targets.shape[1]}")
     elif targets.dim() == 1:
         total = int(target_lengths.sum()) if target_lengths.numel() else 0
         if batched and targets.shape[0] != total:

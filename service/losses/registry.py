@@ -76,9 +76,7 @@ class LossSpec:
     option_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "option_names", tuple(o.name for o in self.options) + ("reduction",)
-        )
+        object.__setattr__(self, "option_names", (*(o.name for o in self.options), "reduction"))
 
     @property
     def tensor_names(self) -> list[str]:
@@ -114,6 +112,7 @@ class LossSpec:
             for a in self.args
             if a.differentiable or a.name in self.conditionally_differentiable
         ]
+
 
 LOSSES: dict[str, LossSpec] = {}
 _ALIASES: dict[str, str] = {}
