@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service import __version__
-from service.api import ops, problems, v1
+from service.api import ops, problems, v1, v2
 from service.api.runtime import Runtime
 from service.config import Settings
 from service.config import settings as default_settings
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.devices = []
     problems.install(app)
     app.include_router(v1.build_router())
+    app.include_router(v2.build_router())
     app.include_router(ops.build_router())
     v1.register_models(app)
     return app

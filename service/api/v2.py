@@ -1,0 +1,779 @@
+"""/v2: the Open Inference Protocol (KServe v2) with the binary tensor data
+extension, where every loss of the table is a model.
+
+Inputs are named after the torch arguments, options travel as request
+``parameters`` and the outputs are ``loss`` and ``grad_<arg>``. A request body
+is either all JSON, or (binary extension) a JSON header of
+``Inference-Header-Content-Length`` bytes followed by the raw little-endian
+bytes of each binary input in input order; responses are framed the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import torch
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+from service import __version__
+from service.api.runtime import read_body, runtime
+from service.api.v1 import json_response
+from service.compute import Evaluation, Timings, evaluate_request
+from service.config import Settings
+from service.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType, invalid
+from service.losses import LossSpec, TensorArg, resolve
+from service.schemas import DEPRECATED_OPTIONS, parse_request
+from service.tensors import (
+    MAX_DIMS,
+    ElementBudget,
+    bytes_to_tensor,
+    coerce_role,
+    decode_raw,
+    encode_tensor,
+    tensor_bytes,
+)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+MODEL_VERSION = "1"
+EXTENSIONS = ["binary_tensor_data", "parameters"]
+
+DATATYPES: dict[str, torch.dtype] = {
+    "FP16": torch.float16,
+    "BF16": torch.bfloat16,
+    "FP32": torch.float32,
+    "FP64": torch.float64,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "UINT8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DATATYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DATATYPES.items()}
+
+# Request parameters that OIP clients send on their own (tritonclient sets
+# binary_data_output; the others belong to Triton's scheduler) and that mean
+# nothing to a stateless loss.
+IGNORED_PARAMETERS = frozenset(
+    {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers"}
+)
+SERVICE_PARAMETERS = ("device", "grad")
+
+
+# --------------------------------------------------------------------------- models (OpenAPI)
+
+
+class MetadataTensor(BaseModel):
+    name: str
+    datatype: str = Field(description="OIP datatype accepted by default")
+    shape: list[int] = Field(description="-1 for a variable dimension")
+    parameters: dict[str, Any] | None = Field(
+        None, description="the torch shape in words, whether it is required, its role"
+    )
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class RequestInput(BaseModel):
+    name: str = Field(description="a torch argument name: input, target, weight, ...")
+    shape: list[int]
+    datatype: str = Field(description=", ".join(DATATYPES))
+    parameters: dict[str, Any] | None = Field(
+        None, description='{"binary_data_size": n} when the bytes follow the JSON header'
+    )
+    data: list[Any] | None = Field(None, description="row-major values, flat or nested")
+
+
+class RequestOutput(BaseModel):
+    name: str = Field(description="loss or grad_<argument>")
+    parameters: dict[str, Any] | None = Field(None, description='{"binary_data": true}')
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None,
+        description="the loss's options (reduction, ignore_index, ...), device, grad "
+        "(true, or argument names) and binary_data_output",
+    )
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[ResponseOutput]
+
+
+class V2Error(BaseModel):
+    error: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": V2Error, "description": text}
+    for status, text in {
+        400: "Malformed request or binary framing",
+        404: "Unknown model",
+        413: "Body or tensors over the limit",
+        415: "Unsupported Content-Encoding",
+        422: "Inputs or parameters the loss cannot take",
+        503: "Overloaded or out of device memory (Retry-After)",
+    }.items()
+}
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` inlined (for an OpenAPI request body)."""
+    defs: dict[str, Any] = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    result: dict[str, Any] = walk(schema)
+    return result
+
+
+INFER_EXAMPLE: dict[str, Any] = {
+    "id": "42",
+    "parameters": {"reduction": "mean", "grad": True},
+    "inputs": [
+        {"name": "input", "shape": [2, 2], "datatype": "FP32", "data": [2, 1, 1, 2]},
+        {"name": "target", "shape": [2], "datatype": "INT64", "data": [1, 0]},
+    ],
+}
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _rank(value: Any) -> int:
+    rank = 0
+    while isinstance(value, list):
+        rank += 1
+        value = value[0] if value else None
+    return rank
+
+
+def _input_datatype(arg: TensorArg) -> str:
+    return "INT64" if arg.role in ("index", "class_target") else "FP32"
+
+
+def _metadata_shape(spec: LossSpec, arg: TensorArg) -> list[int]:
+    """Variable dimensions, at the rank of the worked example (1 for the rest)."""
+    example = spec.example.get(arg.name)
+    return [-1] * (_rank(example) if example is not None else 1)
+
+
+def model_metadata(spec: LossSpec) -> dict[str, Any]:
+    inputs = [
+        {
+            "name": a.name,
+            "datatype": _input_datatype(a),
+            "shape": _metadata_shape(spec, a),
+            "parameters": {"required": a.required, "role": a.role, "torch_shape": a.shape},
+        }
+        for a in spec.args
+    ]
+    outputs: list[dict[str, Any]] = [
+        {
+            "name": "loss",
+            "datatype": "FP32",
+            "shape": [-1],
+            "parameters": {"torch_shape": "[1] for reduction mean or sum; else input's shape"},
+        }
+    ]
+    for name in spec.maybe_differentiable:
+        arg = spec.arg(name)
+        outputs.append(
+            {
+                "name": f"grad_{name}",
+                "datatype": "FP32",
+                "shape": _metadata_shape(spec, arg),
+                "parameters": {"torch_shape": f"same as {name}"},
+            }
+        )
+    return {
+        "name": spec.name,
+        "versions": [MODEL_VERSION],
+        "platform": "pytorch",
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+
+
+# --------------------------------------------------------------------------- request
+
+
+@dataclass
+class OutputRequest:
+    name: str
+    binary: bool | None
+
+
+@dataclass
+class InferCall:
+    id: str | None
+    tensors: dict[str, torch.Tensor]
+    parameters: dict[str, Any]
+    outputs: list[OutputRequest] | None
+    binary_output: bool
+    grad_output: torch.Tensor | None = None
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """The JSON header and the binary data after it."""
+    if header_length is None:
+        return body, memoryview(b"")
+    text = header_length.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise BadRequest(
+            f"{HEADER_LENGTH} must be a non-negative integer (bytes of JSON header), "
+            f"got {header_length!r}"
+        )
+    length = int(text)
+    if length > len(body):
+        raise BadRequest(f"{HEADER_LENGTH} is {length} but the body holds only {len(body)} bytes")
+    return body[:length], memoryview(body)[length:]
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Undo a request's Content-Encoding (gzip or deflate), never past ``limit`` bytes."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
+    if wbits is None:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none"
+        )
+    inflater = zlib.decompressobj(wbits)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"invalid {encoding} request body: {exc}") from None
+    if len(data) > limit:
+        raise PayloadTooLarge(
+            f"decompressed request body exceeds the limit of {limit} bytes "
+            "(LOSS_SERVICE_MAX_BODY_BYTES)"
+        )
+    if not inflater.eof:
+        raise BadRequest(f"truncated {encoding} request body")
+    return data
+
+
+def parse_infer(
+    spec: LossSpec, header: bytes, binary: memoryview, budget: ElementBudget
+) -> InferCall:
+    """The JSON header and the binary data -> decoded tensors, parameters and outputs."""
+    try:
+        payload = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"invalid JSON in the inference request header: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("the inference request must be a JSON object")
+    unknown = set(payload) - {"id", "parameters", "inputs", "outputs"}
+    if unknown:
+        raise BadRequest(
+            f"unknown field(s) {sorted(unknown)} in the inference request; expected "
+            "id, parameters, inputs, outputs"
+        )
+    request_id = payload.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest(f"id must be a string, got {request_id!r}")
+
+    parameters = payload.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("parameters must be a JSON object")
+    binary_output = parameters.get("binary_data_output", False)
+    if not isinstance(binary_output, bool):
+        raise BadRequest(f"parameters.binary_data_output must be a boolean, got {binary_output!r}")
+
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest(
+            f"inputs must be a non-empty array; model {spec.name} takes {_describe_inputs(spec)}"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    grad_output: torch.Tensor | None = None
+    offset = 0
+    for index, item in enumerate(inputs):
+        name, tensor, size = _decode_input(spec, index, item, binary, offset, budget)
+        offset += size
+        if name in tensors or (name == "grad_output" and grad_output is not None):
+            raise BadRequest(f"input {name!r} is given twice")
+        if name == "grad_output":
+            grad_output = tensor
+        else:
+            tensors[name] = tensor
+    if offset != len(binary):
+        raise BadRequest(
+            f"the body holds {len(binary)} bytes of binary data after the JSON header, but the "
+            f"inputs' binary_data_size add up to {offset}"
+        )
+    missing = [
+        a.name
+        for a in spec.args
+        if a.required
+        and a.name not in tensors
+        and not (a.role == "float_or_number" and a.name in parameters)
+    ]
+    if missing:
+        raise BadRequest(
+            f"missing input(s) {', '.join(missing)}; model {spec.name} takes "
+            f"{_describe_inputs(spec)}"
+        )
+    return InferCall(
+        id=request_id,
+        tensors=tensors,
+        parameters=parameters,
+        outputs=_parse_outputs(spec, payload.get("outputs")),
+        binary_output=binary_output,
+        grad_output=grad_output,
+    )
+
+
+def _describe_inputs(spec: LossSpec) -> str:
+    return ", ".join(a.name if a.required else f"{a.name} (optional)" for a in spec.args)
+
+
+def _decode_input(
+    spec: LossSpec,
+    index: int,
+    item: Any,
+    binary: memoryview,
+    offset: int,
+    budget: ElementBudget,
+) -> tuple[str, torch.Tensor, int]:
+    """One entry of ``inputs`` -> (name, tensor, bytes of binary data it took)."""
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise BadRequest(f"inputs[{index}] must be an object with a string name")
+    name: str = item["name"]
+    if name not in spec.tensor_names and name != "grad_output":
+        raise BadRequest(
+            f"unknown input {name!r}; model {spec.name} takes {_describe_inputs(spec)} "
+            "(and grad_output, the upstream gradient)"
+        )
+    unknown = set(item) - {"name", "shape", "datatype", "parameters", "data"}
+    if unknown:
+        raise BadRequest(f"input {name!r}: unknown field(s) {sorted(unknown)}")
+    shape = item.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise BadRequest(
+            f"input {name!r}: shape must be an array of at most {MAX_DIMS} non-negative "
+            f"integers, got {shape!r}"
+        )
+    datatype = item.get("datatype")
+    if datatype not in DATATYPES:
+        raise BadRequest(
+            f"input {name!r}: datatype must be one of {', '.join(DATATYPES)}, got {datatype!r}"
+        )
+    dtype = DATATYPES[datatype]
+    parameters = item.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"input {name!r}: parameters must be a JSON object")
+    unknown = set(parameters) - {"binary_data_size"}
+    if unknown:
+        raise BadRequest(
+            f"input {name!r}: unsupported parameter(s) {sorted(unknown)} "
+            "(only binary_data_size; shared memory is not supported)"
+        )
+    numel = math.prod(shape)
+    size = parameters.get("binary_data_size")
+    if size is None:
+        if "data" not in item:
+            raise BadRequest(f"input {name!r} has neither data nor parameters.binary_data_size")
+        return name, _decode_json_data(name, item["data"], shape, dtype, budget), 0
+    if "data" in item:
+        raise BadRequest(f"input {name!r} has both data and parameters.binary_data_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise BadRequest(
+            f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}"
+        )
+    budget.take(name, numel)
+    itemsize = 1 if dtype == torch.bool else torch.empty((), dtype=dtype).element_size()
+    if size != numel * itemsize:
+        raise BadRequest(
+            f"input {name!r}: binary_data_size is {size} but shape {shape} of {datatype} "
+            f"takes {numel * itemsize} bytes"
+        )
+    if offset + size > len(binary):
+        raise BadRequest(
+            f"input {name!r}: binary_data_size {size} at offset {offset} runs past the end of "
+            f"the body ({len(binary)} bytes of binary data after the JSON header)"
+        )
+    wire_dtype = torch.uint8 if dtype == torch.bool else dtype
+    tensor = bytes_to_tensor(
+        binary[offset : offset + size], wire_dtype, shape, as_bool=dtype == torch.bool
+    )
+    return name, tensor, size
+
+
+def _decode_json_data(
+    name: str, data: Any, shape: list[int], dtype: torch.dtype, budget: ElementBudget
+) -> torch.Tensor:
+    """JSON ``data`` (flat or nested, row-major) -> a tensor of ``shape`` and ``dtype``."""
+    if dtype.is_floating_point:
+        tensor, _ = decode_raw(data, field=name, role="float", float_dtype=dtype, budget=budget)
+    else:
+        raw, _ = decode_raw(data, field=name, role="any", float_dtype=torch.float64, budget=budget)
+        if dtype == torch.bool:
+            if raw.numel() and not bool(((raw == 0) | (raw == 1)).all()):
+                raise invalid(name, "expected booleans (true/false or 1/0)")
+            tensor = raw != 0
+        else:
+            tensor = coerce_role(
+                raw, field=name, role="index", float_dtype=torch.float64, explicit=True
+            )
+            info = torch.iinfo(dtype)
+            if tensor.numel() and (tensor.min() < info.min or tensor.max() > info.max):
+                raise invalid(name, f"values out of range for {DATATYPE_NAMES[dtype]}")
+            tensor = tensor.to(dtype)
+    if tensor.numel() != math.prod(shape):
+        raise BadRequest(
+            f"input {name!r}: shape {shape} takes {math.prod(shape)} elements, "
+            f"data holds {tensor.numel()}"
+        )
+    return tensor.reshape(shape)
+
+
+def _parse_outputs(spec: LossSpec, raw: Any) -> list[OutputRequest] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise BadRequest("outputs must be an array")
+    known = _output_names(spec)
+    outputs: list[OutputRequest] = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadRequest(f"outputs[{index}] must be an object with a string name")
+        name: str = item["name"]
+        if name not in known:
+            raise BadRequest(
+                f"unknown output {name!r}; model {spec.name} has outputs {', '.join(known)}"
+            )
+        if any(o.name == name for o in outputs):
+            raise BadRequest(f"output {name!r} is requested twice")
+        parameters = item.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise BadRequest(f"output {name!r}: parameters must be a JSON object")
+        unknown = set(parameters) - {"binary_data"}
+        if unknown:
+            raise BadRequest(
+                f"output {name!r}: unsupported parameter(s) {sorted(unknown)} "
+                "(only binary_data; classification and shared memory are not supported)"
+            )
+        binary = parameters.get("binary_data")
+        if binary is not None and not isinstance(binary, bool):
+            raise BadRequest(f"output {name!r}: binary_data must be a boolean, got {binary!r}")
+        outputs.append(OutputRequest(name, binary))
+    return outputs
+
+
+def _output_names(spec: LossSpec) -> list[str]:
+    return ["loss", *(f"grad_{n}" for n in spec.tensor_names)]
+
+
+def _grad_parameter(value: Any) -> bool | list[str]:
+    """``grad`` as a boolean, a list of names, or a string (OIP parameters are
+    scalars): "true", "false" or comma-separated names."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        return [n.strip() for n in text.split(",") if n.strip()]
+    if isinstance(value, bool) or (
+        isinstance(value, list) and all(isinstance(n, str) for n in value)
+    ):
+        return value
+    raise invalid(
+        ("parameters", "grad"),
+        f"expected true, false, a list of argument names or a comma-separated string, "
+        f"got {value!r}",
+    )
+
+
+def request_body(spec: LossSpec, call: InferCall) -> dict[str, Any]:
+    """The v1-style body for ``parse_request``: options from the parameters, and a
+    placeholder for each tensor that arrives already decoded."""
+    allowed = {
+        *spec.option_names,
+        *SERVICE_PARAMETERS,
+        *DEPRECATED_OPTIONS,
+        *(a.name for a in spec.args if a.role == "float_or_number"),
+    }
+    body: dict[str, Any] = {}
+    for key, value in call.parameters.items():
+        if key in IGNORED_PARAMETERS or key == "binary_data_output":
+            continue
+        if key not in allowed:
+            raise BadRequest(
+                f"unknown parameter {key!r} for model {spec.name}; expected "
+                f"{', '.join(sorted(allowed - set(DEPRECATED_OPTIONS)))} or binary_data_output"
+            )
+        if key in call.tensors:
+            raise BadRequest(f"{key!r} is given both as an input and as a parameter")
+        body[key] = value
+    grad = _grad_parameter(body.get("grad", False))
+    wanted = [
+        o.name.removeprefix("grad_") for o in call.outputs or () if o.name.startswith("grad_")
+    ]
+    extra = [n for n in wanted if grad is not True or n not in spec.prediction_args]
+    if extra:
+        base = (
+            [n for n in spec.prediction_args if n in call.tensors]
+            if grad is True
+            else []
+            if grad is False
+            else grad
+        )
+        grad = base + [n for n in extra if n not in base]
+    if grad is not False:
+        body["grad"] = grad
+    for name in call.tensors:
+        body[name] = 0
+    if call.grad_output is not None:
+        # Decoded by compute like v1's grad_output, from this wire form.
+        body["grad_output"] = encode_tensor(call.grad_output, "b64")
+    return body
+
+
+# --------------------------------------------------------------------------- response
+
+
+def _output_tensor(name: str, evaluation: Evaluation) -> torch.Tensor:
+    if name == "loss":
+        value = evaluation.value
+        # OIP clients expect at least one dimension for a scalar result.
+        return value.reshape(1) if value.dim() == 0 else value
+    return evaluation.grads[name.removeprefix("grad_")]
+
+
+def encode_outputs(
+    spec: LossSpec, call: InferCall, evaluation: Evaluation
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary data follows."""
+    if call.outputs is None:
+        selected = [OutputRequest("loss", None)] + [
+            OutputRequest(f"grad_{n}", None) for n in evaluation.grads
+        ]
+    else:
+        selected = call.outputs
+    outputs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for requested in selected:
+        tensor = _output_tensor(requested.name, evaluation).detach().cpu()
+        output: dict[str, Any] = {
+            "name": requested.name,
+            "shape": list(tensor.shape),
+            "datatype": DATATYPE_NAMES[tensor.dtype],
+        }
+        binary = call.binary_output if requested.binary is None else requested.binary
+        if binary:
+            raw = tensor_bytes(tensor)
+            output["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            output["data"] = encode_tensor(tensor, "flat")["data"]
+        outputs.append(output)
+    response: dict[str, Any] = {"model_name": spec.name, "model_version": MODEL_VERSION}
+    if call.id is not None:
+        response["id"] = call.id
+    response["outputs"] = outputs
+    header = orjson.dumps(response)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def infer(
+    spec: LossSpec,
+    body: bytes,
+    header_length: str | None,
+    content_encoding: str,
+    settings: Settings,
+) -> tuple[bytes, int | None, Timings]:
+    """One inference request body -> the response body (runs in the worker pool)."""
+    timings = Timings()
+    start = time.perf_counter()
+    body = decompress(body, content_encoding, settings.max_body_bytes)
+    header, binary = split_body(body, header_length)
+    budget = ElementBudget(settings.max_tensor_elements)
+    call = parse_infer(spec, header, binary, budget)
+    request = parse_request(spec, request_body(spec, call), ("parameters",))
+    decoded = {name: (tensor, True) for name, tensor in call.tensors.items()}
+    timings.decode += time.perf_counter() - start
+    evaluation = evaluate_request(spec, request, settings, timings, decoded=decoded)
+    start = time.perf_counter()
+    content, length = encode_outputs(spec, call, evaluation)
+    timings.encode += time.perf_counter() - start
+    return content, length, timings
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def _model(name: str, version: str | None) -> LossSpec:
+    spec = resolve(name)
+    if version is not None and version != MODEL_VERSION:
+        raise NotFound(
+            f"model {spec.name} has no version {version!r}; its only version is {MODEL_VERSION!r}"
+        )
+    return spec
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+
+    @router.get("", response_model=ServerMetadata)
+    def server_metadata() -> Response:
+        """Server metadata: name, version and protocol extensions."""
+        return json_response(
+            {"name": "loss-service", "version": __version__, "extensions": EXTENSIONS}
+        )
+
+    @router.get("/health/live", response_model=Live)
+    def server_live() -> Response:
+        """Server liveness."""
+        return json_response({"live": True})
+
+    @router.get("/health/ready", response_model=Ready, responses={503: ERROR_RESPONSES[503]})
+    def server_ready(request: Request) -> Response:
+        """Server readiness: torch is loaded and the devices have been probed."""
+        if not getattr(request.app.state, "devices", None):
+            return Response(
+                orjson.dumps({"ready": False}),
+                status_code=503,
+                media_type="application/json",
+                headers={"Retry-After": "1"},
+            )
+        return json_response({"ready": True})
+
+    def metadata(name: str, version: str | None = None) -> Response:
+        """Model metadata: the loss's inputs and outputs (-1 = variable dimension)."""
+        return json_response(model_metadata(_model(name, version)))
+
+    def ready(name: str, version: str | None = None) -> Response:
+        """Model readiness (every loss is always ready)."""
+        return json_response({"name": _model(name, version).name, "ready": True})
+
+    async def infer_route(request: Request, name: str, version: str | None = None) -> Response:
+        """Evaluate the loss: JSON or binary tensor data in, the same out."""
+        spec = _model(name, version)
+        rt = runtime(request)
+        body = await read_body(request, rt.settings.max_body_bytes)
+        content, length, timings = await rt.run(
+            infer,
+            spec,
+            body,
+            request.headers.get(HEADER_LENGTH),
+            request.headers.get("content-encoding", ""),
+            rt.settings,
+        )
+        headers = {"Server-Timing": timings.header()}
+        if length is None:
+            return Response(content, media_type="application/json", headers=headers)
+        headers[HEADER_LENGTH] = str(length)
+        return Response(content, media_type="application/octet-stream", headers=headers)
+
+    infer_openapi = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": _inline_refs(InferenceRequest.model_json_schema()),
+                    "example": INFER_EXAMPLE,
+                },
+                "application/octet-stream": {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": f"binary tensor data extension: a JSON header of "
+                        f"{HEADER_LENGTH} bytes, then each binary input's bytes in order",
+                    }
+                },
+            },
+        }
+    }
+    not_found: dict[int | str, dict[str, Any]] = {404: ERROR_RESPONSES[404]}
+    for base in ("/models/{name}", "/models/{name}/versions/{version}"):
+        versioned = "version" in base
+        router.add_api_route(
+            base,
+            metadata,
+            methods=["GET"],
+            response_model=ModelMetadata,
+            responses=not_found,
+            include_in_schema=not versioned,
+            name="model_metadata_version" if versioned else "model_metadata",
+        )
+        router.add_api_route(
+            f"{base}/ready",
+            ready,
+            methods=["GET"],
+            response_model=ModelReady,
+            responses=not_found,
+            include_in_schema=not versioned,
+            name="model_ready_version" if versioned else "model_ready",
+        )
+        router.add_api_route(
+            f"{base}/infer",
+            infer_route,
+            methods=["POST"],
+            response_model=InferenceResponse,
+            responses=ERROR_RESPONSES,
+            openapi_extra=infer_openapi,
+            include_in_schema=not versioned,
+            name="model_infer_version" if versioned else "model_infer",
+        )
+    return router
