@@ -69,6 +69,8 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()  # else an unclosed-file ResourceWarning fails the session
 
 
 @pytest.fixture(scope="session")
