@@ -20,6 +20,7 @@ import orjson
 import torch
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service import __version__
@@ -711,7 +712,12 @@ def build_router() -> APIRouter:
         """Evaluate the loss: JSON or binary tensor data in, the same out."""
         spec = _model(name, version)
         rt = runtime(request)
-        body = await read_body(request, rt.settings.max_body_bytes)
+        try:
+            body = await read_body(request, rt.settings.max_body_bytes)
+        except ClientDisconnect:
+            raise BadRequest(
+                "the client closed the connection before the whole body arrived"
+            ) from None
         content, length, timings = await rt.run(
             infer,
             spec,
