@@ -157,6 +157,8 @@ def decode_arguments(
         if arg.name in decoded:
             raw, explicit = decoded[arg.name]
         elif value is None:
+            if arg.required:
+                raise invalid(arg.name, f"expected a tensor ({arg.shape}), got null")
             continue
         elif (
             arg.role == "float_or_number"

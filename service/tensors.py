@@ -191,6 +191,8 @@ def _decode_object(
             f"expected {numel} elements for shape {shape}, got {len(data)}",
         )
     flat = _tensor_from_list(data, (field, "data"), dtype, flat=True)
+    if flat.dim() != 1:
+        raise invalid((field, "data"), "expected a flat array of numbers, got a nested array")
     return flat.reshape(shape)
 
 

@@ -1,0 +1,365 @@
+"""Each invalid payload of contract section 8 gets its 4xx with a message that
+names the field and what was expected; the server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.main import create_app
+
+CE = "/v1/losses/cross_entropy"
+GOOD = {"input": [[2, 1], [1, 2]], "target": [1, 0]}
+B64_2x2 = base64.b64encode(torch.zeros(2, 2).numpy().tobytes()).decode()
+
+
+def deep(depth: int) -> object:
+    value: object = 1.0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+BAD: list[tuple[str, str, dict[str, object], int, tuple[object, ...], str]] = [
+    ("ragged", CE, {"input": [[2, 1], [1]], "target": [1, 0]}, 422, ("input",), "ragged"),
+    (
+        "wrong target shape",
+        CE,
+        {"input": [[2, 1, 0, 0, 0], [1, 2, 0, 0, 0]], "target": [1, 0, 1]},
+        422,
+        ("target",),
+        "expected shape [2] (N) for input [2, 5], got [3]",
+    ),
+    (
+        "class index out of range",
+        CE,
+        {"input": [[2, 1], [1, 2]], "target": [1, 2]},
+        422,
+        ("target",),
+        "class index 2 out of range",
+    ),
+    (
+        "negative class index",
+        "/v1/losses/nll_loss",
+        {"input": [[2, 1], [1, 2]], "target": [-1, 0]},
+        422,
+        ("target",),
+        "class index -1 out of range",
+    ),
+    (
+        "fractional index",
+        CE,
+        {"input": [[2, 1], [1, 2]], "target": [1.5, 0]},
+        422,
+        ("target",),
+        "fractional value 1.5",
+    ),
+    (
+        "NaN index",
+        CE,
+        {"input": [[2, 1], [1, 2]], "target": ["NaN", 0]},
+        422,
+        ("target",),
+        "non-finite",
+    ),
+    (
+        "bad dtype name",
+        CE,
+        {"input": {"shape": [2, 2], "dtype": "float8", "data": [1, 2, 3, 4]}, "target": [1, 0]},
+        422,
+        ("input", "dtype"),
+        "float32",
+    ),
+    ("bad request dtype", CE, {**GOOD, "dtype": "int8"}, 422, ("dtype",), "float32"),
+    (
+        "flat count mismatch",
+        CE,
+        {"input": {"shape": [2, 2], "data": [1, 2, 3]}, "target": [1, 0]},
+        422,
+        ("input", "data"),
+        "expected 4 elements for shape [2, 2], got 3",
+    ),
+    (
+        "invalid base64",
+        CE,
+        {"input": {"shape": [2, 2], "dtype": "float32", "b64": "@@@"}, "target": [1, 0]},
+        422,
+        ("input", "b64"),
+        "invalid base64",
+    ),
+    (
+        "base64 length mismatch",
+        CE,
+        {"input": {"shape": [2, 3], "dtype": "float32", "b64": B64_2x2}, "target": [1, 0]},
+        422,
+        ("input", "b64"),
+        "expected 24 bytes (6 x float32) for shape [2, 3], got 16",
+    ),
+    (
+        "integer dtype for a float role",
+        CE,
+        {"input": {"shape": [2, 2], "dtype": "int64", "data": [1, 2, 3, 4]}, "target": [1, 0]},
+        422,
+        ("input",),
+        "expected a floating dtype",
+    ),
+    (
+        "string in array",
+        CE,
+        {"input": [[2, "x"], [1, 2]], "target": [1, 0]},
+        422,
+        ("input",),
+        "got the string 'x'",
+    ),
+    (
+        "object instead of tensor",
+        CE,
+        {"input": True, "target": [1, 0]},
+        422,
+        ("input",),
+        "expected a tensor",
+    ),
+    (
+        "nesting deeper than a tensor can have",
+        "/v1/losses/mse_loss",
+        {"input": deep(65), "target": deep(65)},
+        422,
+        ("input",),
+        "deeper than 64",
+    ),
+    ("missing field", CE, {"input": [[2, 1], [1, 2]]}, 422, ("target",), "Field required"),
+    ("unknown field", CE, {**GOOD, "smoothing": 0.1}, 422, ("smoothing",), "unknown field"),
+    (
+        "deprecated size_average",
+        CE,
+        {**GOOD, "size_average": False},
+        422,
+        ("size_average",),
+        "use reduction",
+    ),
+    ("deprecated reduce", CE, {**GOOD, "reduce": False}, 422, ("reduce",), "use reduction"),
+    ("bad reduction", CE, {**GOOD, "reduction": "batchmean"}, 422, ("reduction",), "'none'"),
+    (
+        "label_smoothing out of range",
+        CE,
+        {**GOOD, "label_smoothing": 1.5},
+        422,
+        ("label_smoothing",),
+        "less than or equal to 1",
+    ),
+    (
+        "device the server does not have",
+        CE,
+        {**GOOD, "device": "cuda:7"},
+        422,
+        ("device",),
+        "it has cpu",
+    ),
+    ("nonsense device", CE, {**GOOD, "device": "tpu"}, 422, ("device",), "it has cpu"),
+    (
+        "BCE input outside [0, 1]",
+        "/v1/losses/binary_cross_entropy",
+        {"input": [1.5, 0.1], "target": [0.2, 0.8]},
+        422,
+        ("input",),
+        "[0, 1]",
+    ),
+    (
+        "BCE target shape",
+        "/v1/losses/binary_cross_entropy",
+        {"input": [0.5, 0.1], "target": [0.2, 0.8, 0.1]},
+        422,
+        ("target",),
+        "expected shape [2]",
+    ),
+    ("weight shape", CE, {**GOOD, "weight": [1, 2, 3]}, 422, ("weight",), "expected shape [2] (C)"),
+    (
+        "multilabel index out of range",
+        "/v1/losses/multilabel_margin_loss",
+        {"input": [[0.1, 0.2]], "target": [[1, 2]]},
+        422,
+        ("target",),
+        "class index 2",
+    ),
+    (
+        "multi_margin p",
+        "/v1/losses/multi_margin_loss",
+        {"input": [[0.1, 0.2]], "target": [1], "p": 3},
+        422,
+        ("p",),
+        "1 or 2",
+    ),
+    (
+        "ctc lengths",
+        "/v1/losses/ctc_loss",
+        {
+            "log_probs": [[[-1.0, -1.0]]] * 3,
+            "targets": [[1]],
+            "input_lengths": [1, 2],
+            "target_lengths": [1],
+        },
+        422,
+        ("input_lengths",),
+        "expected shape [1] (N)",
+    ),
+    (
+        "ctc input length past T",
+        "/v1/losses/ctc_loss",
+        {
+            "log_probs": [[[-1.0, -1.0]]] * 3,
+            "targets": [[1]],
+            "input_lengths": [4],
+            "target_lengths": [1],
+        },
+        422,
+        ("input_lengths",),
+        "[0, 3]",
+    ),
+    (
+        "ctc targets out of range",
+        "/v1/losses/ctc_loss",
+        {
+            "log_probs": [[[-1.0, -1.0]]] * 3,
+            "targets": [[2]],
+            "input_lengths": [3],
+            "target_lengths": [1],
+        },
+        422,
+        ("targets",),
+        "class index 2",
+    ),
+    (
+        "dtype torch lacks on this device",
+        "/v1/losses/ctc_loss",
+        {
+            "log_probs": [[[-1.0, -1.0]]] * 3,
+            "targets": [[1]],
+            "input_lengths": [3],
+            "target_lengths": [1],
+            "dtype": "float16",
+        },
+        422,
+        ("dtype",),
+        "float16",
+    ),
+    (
+        "torch's own shape check",
+        "/v1/losses/kl_div",
+        {"input": [1.0, 2.0, 3.0], "target": [1.0, 2.0]},
+        422,
+        (),
+        "rejected the arguments",
+    ),
+    (
+        "grad of an index argument",
+        CE,
+        {**GOOD, "grad": ["target"]},
+        422,
+        ("grad",),
+        "differentiable arguments: input",
+    ),
+    (
+        "grad of a missing argument",
+        CE,
+        {**GOOD, "grad": ["weight"]},
+        422,
+        ("grad",),
+        "was not given",
+    ),
+    (
+        "grad_output without grad",
+        CE,
+        {**GOOD, "grad_output": 1.0},
+        422,
+        ("grad_output",),
+        "only used with grad",
+    ),
+    ("a list instead of an object", CE, [1, 2], 422, (), "expected a JSON object"),  # type: ignore[list-item]
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "loc", "text"), [pytest.param(*b[1:], id=b[0]) for b in BAD]
+)
+def test_invalid_payload(
+    client: TestClient, path: str, body: object, status: int, loc: tuple[object, ...], text: str
+) -> None:
+    response = client.post(path, json=body)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == status and problem["title"] and problem["type"]
+    assert text in problem["detail"], problem
+    assert problem["errors"][0]["loc"] == ["body", *loc]
+    assert problem["detail"] == (
+        f"{'.'.join(str(p) for p in loc)}: {problem['errors'][0]['msg']}"
+        if loc
+        else problem["errors"][0]["msg"]
+    )
+    # and the server keeps serving
+    assert client.post(CE, json=GOOD).status_code == 200
+
+
+def test_not_json_is_422(client: TestClient) -> None:
+    response = client.post(CE, content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert "invalid JSON" in response.json()["detail"]
+
+
+def test_wrong_content_type_is_415(client: TestClient) -> None:
+    response = client.post(CE, content=b"input=1", headers={"content-type": "text/plain"})
+    assert response.status_code == 415
+    assert "application/json" in response.json()["detail"]
+
+
+def test_deep_nesting_is_rejected_without_crashing(client: TestClient) -> None:
+    body = b'{"input": ' + b"[" * 10000 + b"1" + b"]" * 10000 + b', "target": 1}'
+    response = client.post(CE, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert client.post(CE, json=GOOD).status_code == 200
+
+
+def test_unknown_loss_is_404(client: TestClient) -> None:
+    response = client.post("/v1/losses/focal_loss", json=GOOD)
+    assert response.status_code == 404
+    assert "cross_entropy" in response.json()["detail"]
+
+
+def test_empty_tensors_follow_torch(client: TestClient) -> None:
+    # torch gives a result for an empty mse_loss with reduction="sum": 0
+    ok = client.post("/v1/losses/mse_loss", json={"input": [], "target": [], "reduction": "sum"})
+    assert ok.status_code == 200 and ok.json()["value"] == 0.0
+    # and NaN for "mean", which travels as the string "NaN"
+    nan = client.post("/v1/losses/mse_loss", json={"input": [], "target": []})
+    assert nan.status_code == 200 and nan.json()["value"] == "NaN"
+
+
+def test_nonfinite_values_travel_as_strings(client: TestClient) -> None:
+    response = client.post(
+        "/v1/losses/l1_loss",
+        json={
+            "input": ["Infinity", 1.0, "NaN"],
+            "target": [0, "-Infinity", 0],
+            "reduction": "none",
+        },
+    )
+    assert response.status_code == 200
+    assert response.json()["value"] == ["Infinity", "Infinity", "NaN"]
+
+
+def test_limits() -> None:
+    app = create_app(Settings(device="cpu", max_body_bytes=1000, max_tensor_elements=10))
+    with TestClient(app) as small:
+        too_big = small.post(CE, json={"input": [[0.0] * 300] * 2, "target": [0, 1]})
+        assert too_big.status_code == 413
+        assert "1000 bytes" in too_big.json()["detail"]
+        too_many = small.post(
+            CE, json={"input": {"shape": [4, 4], "b64": "AAAA"}, "target": [0, 1, 2, 3]}
+        )
+        assert too_many.status_code == 413
+        assert "more than 10 elements" in too_many.json()["detail"]
+        assert small.post(CE, json=GOOD).status_code == 200
