@@ -664,13 +664,34 @@ def infer(
 # --------------------------------------------------------------------------- routes
 
 
-def _model(name: str, version: str | None) -> LossSpec:
+def _model(name: str, version: str) -> LossSpec:
     spec = resolve(name)
-    if version is not None and version != MODEL_VERSION:
+    if version != MODEL_VERSION:
         raise NotFound(
             f"model {spec.name} has no version {version!r}; its only version is {MODEL_VERSION!r}"
         )
     return spec
+
+
+async def _serve_infer(request: Request, spec: LossSpec) -> Response:
+    rt = runtime(request)
+    try:
+        body = await read_body(request, rt.settings.max_body_bytes)
+    except ClientDisconnect:
+        raise BadRequest("the client closed the connection before the whole body arrived") from None
+    content, length, timings = await rt.run(
+        infer,
+        spec,
+        body,
+        request.headers.get(HEADER_LENGTH),
+        request.headers.get("content-encoding", ""),
+        rt.settings,
+    )
+    headers = {"Server-Timing": timings.header()}
+    if length is None:
+        return Response(content, media_type="application/json", headers=headers)
+    headers[HEADER_LENGTH] = str(length)
+    return Response(content, media_type="application/octet-stream", headers=headers)
 
 
 def build_router() -> APIRouter:
@@ -700,38 +721,6 @@ def build_router() -> APIRouter:
             )
         return json_response({"ready": True})
 
-    def metadata(name: str, version: str | None = None) -> Response:
-        """Model metadata: the loss's inputs and outputs (-1 = variable dimension)."""
-        return json_response(model_metadata(_model(name, version)))
-
-    def ready(name: str, version: str | None = None) -> Response:
-        """Model readiness (every loss is always ready)."""
-        return json_response({"name": _model(name, version).name, "ready": True})
-
-    async def infer_route(request: Request, name: str, version: str | None = None) -> Response:
-        """Evaluate the loss: JSON or binary tensor data in, the same out."""
-        spec = _model(name, version)
-        rt = runtime(request)
-        try:
-            body = await read_body(request, rt.settings.max_body_bytes)
-        except ClientDisconnect:
-            raise BadRequest(
-                "the client closed the connection before the whole body arrived"
-            ) from None
-        content, length, timings = await rt.run(
-            infer,
-            spec,
-            body,
-            request.headers.get(HEADER_LENGTH),
-            request.headers.get("content-encoding", ""),
-            rt.settings,
-        )
-        headers = {"Server-Timing": timings.header()}
-        if length is None:
-            return Response(content, media_type="application/json", headers=headers)
-        headers[HEADER_LENGTH] = str(length)
-        return Response(content, media_type="application/octet-stream", headers=headers)
-
     infer_openapi = {
         "requestBody": {
             "required": True,
@@ -752,34 +741,38 @@ def build_router() -> APIRouter:
         }
     }
     not_found: dict[int | str, dict[str, Any]] = {404: ERROR_RESPONSES[404]}
-    for base in ("/models/{name}", "/models/{name}/versions/{version}"):
-        versioned = "version" in base
-        router.add_api_route(
-            base,
-            metadata,
-            methods=["GET"],
-            response_model=ModelMetadata,
-            responses=not_found,
-            include_in_schema=not versioned,
-            name="model_metadata_version" if versioned else "model_metadata",
-        )
-        router.add_api_route(
-            f"{base}/ready",
-            ready,
-            methods=["GET"],
-            response_model=ModelReady,
-            responses=not_found,
-            include_in_schema=not versioned,
-            name="model_ready_version" if versioned else "model_ready",
-        )
-        router.add_api_route(
-            f"{base}/infer",
-            infer_route,
-            methods=["POST"],
-            response_model=InferenceResponse,
-            responses=ERROR_RESPONSES,
-            openapi_extra=infer_openapi,
-            include_in_schema=not versioned,
-            name="model_infer_version" if versioned else "model_infer",
-        )
+
+    @router.get("/models/{name}", response_model=ModelMetadata, responses=not_found)
+    def model_metadata_route(name: str) -> Response:
+        """Model metadata: the loss's inputs and outputs (-1 = variable dimension)."""
+        return json_response(model_metadata(resolve(name)))
+
+    @router.get("/models/{name}/ready", response_model=ModelReady, responses=not_found)
+    def model_ready(name: str) -> Response:
+        """Model readiness (every loss is always ready)."""
+        return json_response({"name": resolve(name).name, "ready": True})
+
+    @router.post(
+        "/models/{name}/infer",
+        response_model=InferenceResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=infer_openapi,
+    )
+    async def model_infer(request: Request, name: str) -> Response:
+        """Evaluate the loss: JSON or binary tensor data in, the same out."""
+        return await _serve_infer(request, resolve(name))
+
+    # The versioned forms, for clients that name a version (the only one is "1").
+    @router.get("/models/{name}/versions/{version}", include_in_schema=False)
+    def model_metadata_version(name: str, version: str) -> Response:
+        return json_response(model_metadata(_model(name, version)))
+
+    @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
+    def model_ready_version(name: str, version: str) -> Response:
+        return json_response({"name": _model(name, version).name, "ready": True})
+
+    @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
+    async def model_infer_version(request: Request, name: str, version: str) -> Response:
+        return await _serve_infer(request, _model(name, version))
+
     return router
