@@ -311,3 +311,43 @@ def test_openapi_lists_v2_routes(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     for path in ("/v2", "/v2/health/live", "/v2/models/{name}", "/v2/models/{name}/infer"):
         assert path in paths
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+def test_device_parameter_runs_on_the_gpu(client: TestClient) -> None:
+    g = torch.Generator().manual_seed(11)
+    input, target = torch.randn(6, 4, generator=g), torch.randint(0, 4, (6,), generator=g)
+    x, t = input.numpy().tobytes(), target.numpy().tobytes()
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [6, 4],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(x)},
+                },
+                {
+                    "name": "target",
+                    "shape": [6],
+                    "datatype": "INT64",
+                    "parameters": {"binary_data_size": len(t)},
+                },
+            ],
+            "parameters": {"device": "cuda", "grad": True, "binary_data_output": True},
+        }
+    )
+    response = client.post(
+        "/v2/models/cross_entropy/infer",
+        content=header + x + t,
+        headers={HEADER: str(len(header))},
+    )
+    assert response.status_code == 200, response.text
+    length = int(response.headers[HEADER])
+    values = np.frombuffer(response.content[length:], dtype=np.float32)
+    xc = input.cuda().requires_grad_(True)
+    expected = F.cross_entropy(xc, target.cuda())
+    (grad,) = torch.autograd.grad(expected, [xc])
+    assert values[0] == expected.item()
+    assert torch.equal(torch.from_numpy(values[1:].copy()).reshape(6, 4), grad.cpu())
