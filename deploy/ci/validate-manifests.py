@@ -67,7 +67,9 @@ def main() -> int:
                     for check in checks:
                         kubernetes_validate.validate(check, version, strict=True)
             except Exception as exc:  # noqa: BLE001 - report every failure
-                print(f"FAIL {what}: {exc}")
+                where = "/".join(str(p) for p in getattr(exc, "absolute_path", []))
+                message = getattr(exc, "message", None) or str(exc)
+                print(f"FAIL {what}: {where + ': ' if where else ''}{message}")
                 failures += 1
             else:
                 print(f"ok   {what} (Kubernetes {', '.join(versions)})")
