@@ -92,11 +92,11 @@ def test_binary_data_size_without_header_length(live_server: str) -> None:
     assert_bad_request(post(live_server, header, {}), "binary_data_size")
 
 
-@pytest.mark.parametrize("extra", [1, 1000, 10**12])
-def test_header_length_past_the_body(live_server: str, extra: int) -> None:
+@pytest.mark.parametrize("extra", ["1", "1000", "1" + "0" * 12, "9" * 5000])
+def test_header_length_past_the_body(live_server: str, extra: str) -> None:
     header = json_header()
     body = header + INPUT + TARGET
-    response = post(live_server, body, {HEADER: str(len(body) + extra)})
+    response = post(live_server, body, {HEADER: str(len(body) + int(extra[:20])) + extra[20:]})
     assert_bad_request(response, HEADER, "body")
 
 

@@ -278,9 +278,13 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
             f"{HEADER_LENGTH} must be a non-negative integer (bytes of JSON header), "
             f"got {header_length!r}"
         )
+    # A length past any body is refused before int() meets thousands of digits.
+    if len(text) > len(str(len(body))) or int(text) > len(body):
+        raise BadRequest(
+            f"{HEADER_LENGTH} is {text[:40]}{'...' if len(text) > 40 else ''} but the body "
+            f"holds only {len(body)} bytes"
+        )
     length = int(text)
-    if length > len(body):
-        raise BadRequest(f"{HEADER_LENGTH} is {length} but the body holds only {len(body)} bytes")
     return body[:length], memoryview(body)[length:]
 
 
