@@ -2,8 +2,8 @@
 #
 #   docker build -t loss-service:0.1.0 .                        # CPU (default)
 #   docker build -t loss-service:0.1.0-cuda \
-#     --build-arg BASE_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04 \
-#     --build-arg TORCH_VARIANT=cu130 .                         # CUDA
+#     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 \
+#     --build-arg TORCH_VARIANT=cu128 .                         # CUDA
 #
 # Build arguments:
 #   BASE_IMAGE       image both stages start from (default python:3.11-slim);
