@@ -1,0 +1,1 @@
+"""The comparison servers: ceiling, floor and naive baseline."""

@@ -1,0 +1,595 @@
+"""The benchmark of issue 5 in one run: ceiling, floor, naive baseline, the
+service and the in-process decode + compute, all measured now, on this machine.
+
+Each server runs pinned to core 0 (``taskset -c 0``); this process and wrk run on
+core 1 (``scripts/bench`` pins them). Prints the tables and writes them to
+bench/results/<timestamp>.md and bench/results/latest.md. Exits 0 whatever the
+ratios say; non-zero when a server fails to start or a request fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+import httpx
+import numpy as np
+import orjson
+
+from bench import load
+from bench.load import BenchError, Server, WrkResult
+from bench.payloads import HEADER_LENGTH, Body, Payloads, Tensors, build
+
+RESULTS = load.ROOT / "bench" / "results"
+CE_PATH = "/v1/losses/cross_entropy"
+V2_PATH = "/v2/models/cross_entropy/infer"
+
+# Rows of the absolute table and the large-request columns.
+BARE, FLOOR, NAIVE, V1, V2, INPROC = (
+    "bare ASGI app (ceiling; large = receiving the same bytes)",
+    "FastAPI route returning a constant (floor)",
+    "naive FastAPI, pydantic `list[list[float]]` (baseline)",
+    "service /v1 (small: nested JSON)",
+    "service /v2 binary extension (binary output)",
+    "in-process, no HTTP (one core)",
+)
+ROWS = (BARE, FLOOR, NAIVE, V1, V2, INPROC)
+NESTED, B64, BINARY, NESTED_GRAD, BINARY_GRAD = (
+    "large nested JSON",
+    "large b64 JSON",
+    "large binary",
+    "large nested, grad",
+    "large binary, grad",
+)
+LARGE_COLUMNS = (NESTED, B64, BINARY, NESTED_GRAD, BINARY_GRAD)
+
+
+@dataclass
+class Results:
+    small: dict[str, WrkResult] = field(default_factory=dict)
+    c1: dict[str, WrkResult] = field(default_factory=dict)
+    large: dict[tuple[str, str], float] = field(default_factory=dict)
+    rss_kib: dict[str, tuple[int, int]] = field(default_factory=dict)  # (idle, peak)
+    orjson_loads_s: float = math.nan
+    sizes: dict[str, float] = field(default_factory=dict)
+    load_before: str = ""
+    load_after: str = ""
+
+
+@dataclass
+class Options:
+    duration: float
+    c1_duration: float
+    connections: int
+    repeats: int
+    naive_repeats: int
+    write: bool
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def reference_loss(t: Tensors) -> float:
+    """cross_entropy (mean) in float64, to check what every real server returns."""
+    x = t.logits.astype(np.float64)
+    peak = x.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(x - peak).sum(axis=1)) + peak[:, 0]
+    return float(np.mean(lse - x[np.arange(len(t.target)), t.target]))
+
+
+def check_value(what: str, got: object, expected: float) -> None:
+    if not isinstance(got, float) or not math.isclose(got, expected, rel_tol=1e-4):
+        raise BenchError(f"{what}: loss {got!r}, expected {expected:.6f}")
+
+
+def v1_check(expected: float, grad_shape: tuple[int, int] | None = None) -> Callable[..., None]:
+    def check(response: httpx.Response) -> None:
+        payload = orjson.loads(response.content)
+        check_value("v1 response", payload.get("value"), expected)
+        if grad_shape is not None:
+            grad = payload.get("grad", {}).get("input")
+            if not (isinstance(grad, list) and (len(grad), len(grad[0])) == grad_shape):
+                raise BenchError(f"v1 grad response has no [{grad_shape}] grad.input")
+
+    return check
+
+
+def v2_check(expected: float, grad_bytes: int | None = None) -> Callable[..., None]:
+    def check(response: httpx.Response) -> None:
+        length = int(response.headers.get(HEADER_LENGTH, "-1"))
+        if length < 0:
+            raise BenchError(f"v2 response without {HEADER_LENGTH}: {response.text[:300]}")
+        header = orjson.loads(response.content[:length])
+        sizes = {o["name"]: o["parameters"]["binary_data_size"] for o in header["outputs"]}
+        value = np.frombuffer(response.content[length : length + sizes["loss"]], "<f4")
+        check_value("v2 response", float(value[0]), expected)
+        if grad_bytes is not None and sizes.get("grad_input") != grad_bytes:
+            raise BenchError(f"v2 grad response: outputs {sizes}, expected {grad_bytes} B grad")
+
+    return check
+
+
+def naive_check(expected: float) -> Callable[..., None]:
+    def check(response: httpx.Response) -> None:
+        check_value("naive response", orjson.loads(response.content).get("value"), expected)
+
+    return check
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@contextmanager
+def running(server: Server, started: list[Server]) -> Iterator[Server]:
+    print(f"== {server.name}: starting on core {load.SERVER_CORE} (port {server.port})", flush=True)
+    started.append(server)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def small_load(
+    res: Results,
+    row: str,
+    server: Server,
+    path: str,
+    body: Body,
+    scripts: Path,
+    opts: Options,
+    check: Callable[[httpx.Response], None] | None,
+) -> None:
+    url = server.base + path
+    with httpx.Client(timeout=60) as client:
+        response = load.post(client, url, body, f"{server.name} small")
+        if check is not None:
+            check(response)
+    script = load.wrk_script(body, scripts)
+    what = f"{server.name} {body.name}"
+    res.small[row] = load.wrk(url, script, opts.connections, opts.duration, what + " c16")
+    res.c1[row] = load.wrk(url, script, 1, opts.c1_duration, what + " c1")
+    server.check_alive()
+    print(
+        f"   {body.name}: {res.small[row].rps:,.0f} req/s at c{opts.connections}, "
+        f"c1 p50 {res.c1[row].p50_ms:.3f} ms",
+        flush=True,
+    )
+
+
+def large_time(
+    res: Results,
+    row: str,
+    column: str,
+    server: Server,
+    path: str,
+    body: Body,
+    repeats: int,
+    check: Callable[[httpx.Response], None] | None = None,
+) -> None:
+    with httpx.Client(timeout=600) as client:
+        seconds = load.median_seconds(
+            client, server.base + path, body, f"{server.name} {body.name}", repeats, check
+        )
+    server.check_alive()
+    res.large[(row, column)] = seconds
+    print(f"   {column} ({body.megabytes:.1f} MB): {seconds:.3f} s", flush=True)
+
+
+def peak_rss(
+    res: Results,
+    row: str,
+    server: Server,
+    payloads: Payloads,
+    check: Callable[[httpx.Response], None],
+) -> None:
+    """VmHWM of the fresh server: after one small request, then after the first
+    large nested-JSON request."""
+    with httpx.Client(timeout=600) as client:
+        load.post(client, server.base + CE_PATH, payloads.small_nested, f"{server.name} small")
+        idle = load.vm_kib(server.pid, "VmHWM")
+        response = load.post(client, server.base + CE_PATH, payloads.large_nested, server.name)
+        check(response)
+        peak = load.vm_kib(server.pid, "VmHWM")
+    res.rss_kib[row] = (idle, peak)
+    print(f"   peak RSS {peak / 1024:.0f} MiB (before the large request {idle / 1024:.0f} MiB)")
+
+
+def in_process(res: Results, payloads: Payloads, work: Path, opts: Options) -> None:
+    print(f"== in-process decode + compute on core {load.SERVER_CORE}", flush=True)
+    payloads.write(work)
+    command = ["taskset", "-c", load.SERVER_CORE, sys.executable, "-m", "bench.inprocess"]
+    proc = subprocess.run(
+        [*command, str(work), str(opts.repeats)],
+        cwd=load.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"in-process measurement failed:\n{proc.stderr[-3000:]}")
+    result = orjson.loads(proc.stdout.strip().splitlines()[-1])
+    check_value("in-process", result["value"], reference_loss(payloads.large))
+    res.large[(INPROC, NESTED)] = result["nested"]
+    res.large[(INPROC, BINARY)] = result["binary"]
+    res.large[(INPROC, BINARY_GRAD)] = result["binary_grad"]
+    res.orjson_loads_s = result["orjson_loads"]
+    print(
+        f"   nested {result['nested']:.3f} s (orjson.loads alone {result['orjson_loads']:.3f} s), "
+        f"binary {result['binary']:.4f} s, binary grad {result['binary_grad']:.4f} s",
+        flush=True,
+    )
+
+
+def measure(opts: Options, work: Path, started: list[Server]) -> Results:
+    res = Results(load_before=loadavg())
+    print("== building payloads", flush=True)
+    p = build()
+    res.sizes = {b.name: b.megabytes for b in (p.large_nested, p.large_b64, p.large_v2)}
+    small_ref, large_ref = reference_loss(p.small), reference_loss(p.large)
+    scripts = work / "wrk"
+    scripts.mkdir()
+    logs = work / "logs"
+    logs.mkdir()
+
+    in_process(res, p, work, opts)
+
+    with running(load.uvicorn_app("bare", "bench.apps.bare_asgi:app", logs, "/"), started) as s:
+        small_load(res, BARE, s, CE_PATH, p.small_nested, scripts, opts, None)
+        # Receiving is quick and the denominator of three ratios: more samples.
+        repeats = 2 * opts.repeats + 1
+        large_time(res, BARE, NESTED, s, CE_PATH, p.large_nested, repeats)
+        large_time(res, BARE, B64, s, CE_PATH, p.large_b64, repeats)
+        large_time(res, BARE, BINARY, s, V2_PATH, p.large_v2, repeats)
+
+    floor = load.uvicorn_app("floor", "bench.apps.fastapi_floor:app", logs, "/healthz")
+    with running(floor, started) as s:
+        small_load(res, FLOOR, s, CE_PATH, p.small_nested, scripts, opts, None)
+
+    naive = load.uvicorn_app("naive", "bench.apps.naive:app", logs, "/healthz")
+    with running(naive, started) as s:
+        peak_rss(res, NAIVE, s, p, naive_check(large_ref))
+        small_load(res, NAIVE, s, CE_PATH, p.small_nested, scripts, opts, naive_check(small_ref))
+        large_time(res, NAIVE, NESTED, s, CE_PATH, p.large_nested, opts.naive_repeats)
+
+    with running(load.service(logs), started) as s:
+        peak_rss(res, V1, s, p, v1_check(large_ref))
+        small_load(res, V1, s, CE_PATH, p.small_nested, scripts, opts, v1_check(small_ref))
+        small_load(res, V2, s, V2_PATH, p.small_v2, scripts, opts, v2_check(small_ref))
+        shape = p.large.logits.shape
+        grad_bytes = p.large.logits.nbytes
+        large_time(res, V1, NESTED, s, CE_PATH, p.large_nested, opts.repeats, v1_check(large_ref))
+        large_time(res, V1, B64, s, CE_PATH, p.large_b64, opts.repeats, v1_check(large_ref))
+        large_time(res, V2, BINARY, s, V2_PATH, p.large_v2, opts.repeats, v2_check(large_ref))
+        large_time(
+            res,
+            V1,
+            NESTED_GRAD,
+            s,
+            CE_PATH,
+            p.large_nested_grad,
+            opts.repeats,
+            v1_check(large_ref, (shape[0], shape[1])),
+        )
+        large_time(
+            res,
+            V2,
+            BINARY_GRAD,
+            s,
+            V2_PATH,
+            p.large_v2_grad,
+            opts.repeats,
+            v2_check(large_ref, grad_bytes),
+        )
+    res.load_after = loadavg()
+    return res
+
+
+# --------------------------------------------------------------------------- report
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def command_output(*command: str) -> str:
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=load.ROOT)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (proc.stdout or proc.stderr).strip()
+
+
+def git_commit() -> str:
+    commit = command_output("git", "rev-parse", "--short", "HEAD")
+    dirty = command_output("git", "status", "--porcelain", "--", "service", "pyproject.toml")
+    return commit + (" + uncommitted changes in service/" if dirty else "")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def fmt_rps(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def fmt_ms(value: float) -> str:
+    return f"{value:.2f} ms" if value >= 1 else f"{value:.3f} ms"
+
+
+def fmt_s(value: float) -> str:
+    return f"{value:.3f} s" if value >= 0.1 else f"{value:.4f} s"
+
+
+def absolute_table(res: Results) -> list[str]:
+    head = [
+        "server",
+        "small req/s (c16)",
+        "small c1 p50",
+        *LARGE_COLUMNS,
+        "peak RSS, large nested",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for row in ROWS:
+        cells = [row]
+        cells.append(fmt_rps(res.small[row].rps) if row in res.small else "")
+        cells.append(fmt_ms(res.c1[row].p50_ms) if row in res.c1 else "")
+        for column in LARGE_COLUMNS:
+            value = res.large.get((row, column))
+            cells.append(fmt_s(value) if value is not None else "")
+        rss = res.rss_kib.get(row)
+        cells.append(f"{rss[1] / 1024:,.0f} MiB (idle {rss[0] / 1024:,.0f})" if rss else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+@dataclass(frozen=True)
+class Ratio:
+    name: str
+    value: float
+    target: str
+    ok: bool | None  # None: informative only
+
+
+def ratios(res: Results) -> list[Ratio]:
+    def large(row: str, column: str) -> float:
+        return res.large[(row, column)]
+
+    def at_least(name: str, value: float, limit: float) -> Ratio:
+        return Ratio(name, value, f">= {limit:g}", value >= limit)
+
+    def at_most(name: str, value: float, limit: float) -> Ratio:
+        return Ratio(name, value, f"<= {limit:g}", value <= limit)
+
+    return [
+        at_least(
+            "small req/s: service /v1 / FastAPI floor",
+            res.small[V1].rps / res.small[FLOOR].rps,
+            0.6,
+        ),
+        at_most(
+            "small c1 p50: service /v1 / FastAPI floor",
+            res.c1[V1].p50_ms / res.c1[FLOOR].p50_ms,
+            1.5,
+        ),
+        at_most(
+            "large: service /v2 binary / bare app receiving the same bytes",
+            large(V2, BINARY) / large(BARE, BINARY),
+            1.5,
+        ),
+        at_most(
+            "large: service /v1 b64 / bare app receiving the same b64 JSON body",
+            large(V1, B64) / large(BARE, B64),
+            2.5,
+        ),
+        at_most(
+            "large: service /v1 nested JSON / bare app receiving the same JSON body",
+            large(V1, NESTED) / large(BARE, NESTED),
+            2.5,
+        ),
+        at_most(
+            "large grad=true / without: service /v1 nested JSON (grad returned nested)",
+            large(V1, NESTED_GRAD) / large(V1, NESTED),
+            1.5,
+        ),
+        at_most(
+            "large grad=true / without: service /v2 binary (grad returned binary)",
+            large(V2, BINARY_GRAD) / large(V2, BINARY),
+            1.5,
+        ),
+        at_most(
+            "peak RSS during the large nested-JSON request: service / naive",
+            res.rss_kib[V1][1] / res.rss_kib[NAIVE][1],
+            0.5,
+        ),
+    ]
+
+
+def speedups(res: Results) -> list[Ratio]:
+    return [
+        Ratio(
+            "small req/s: service /v1 / naive (issue: >= 2.5 follows from the floor ratio)",
+            res.small[V1].rps / res.small[NAIVE].rps,
+            "",
+            None,
+        ),
+        Ratio(
+            "small c1 p50: naive / service /v1", res.c1[NAIVE].p50_ms / res.c1[V1].p50_ms, "", None
+        ),
+        Ratio(
+            "large nested JSON: naive / service /v1 (issue: about 8)",
+            res.large[(NAIVE, NESTED)] / res.large[(V1, NESTED)],
+            "",
+            None,
+        ),
+        Ratio(
+            "large: naive nested JSON / service /v2 binary",
+            res.large[(NAIVE, NESTED)] / res.large[(V2, BINARY)],
+            "",
+            None,
+        ),
+        Ratio(
+            "large nested JSON: in-process orjson + torch.tensor / service /v1",
+            res.large[(INPROC, NESTED)] / res.large[(V1, NESTED)],
+            "",
+            None,
+        ),
+        Ratio(
+            "peak RSS, large nested JSON: naive / service",
+            res.rss_kib[NAIVE][1] / res.rss_kib[V1][1],
+            "",
+            None,
+        ),
+    ]
+
+
+def ratio_table(items: list[Ratio], targets: bool) -> list[str]:
+    if targets:
+        lines = ["| ratio | measured | target | result |", "|---|---:|---:|---|"]
+    else:
+        lines = ["| speedup | measured |", "|---|---:|"]
+    for r in items:
+        if targets:
+            verdict = "PASS" if r.ok else "FAIL"
+            lines.append(f"| {r.name} | {r.value:.2f} | {r.target} | {verdict} |")
+        else:
+            lines.append(f"| {r.name} | {r.value:.1f}x |")
+    return lines
+
+
+def report(res: Results, opts: Options, started_at: datetime) -> str:
+    import torch  # only for its version, after every measurement
+
+    wrk_version = command_output("wrk", "-v").splitlines()[0].split(" Copyright")[0]
+    checks = ratios(res)
+    passed = sum(bool(r.ok) for r in checks)
+    sizes = ", ".join(f"{name} {mb:.1f} MB" for name, mb in res.sizes.items())
+    lines = [
+        f"# loss-service benchmark, {started_at:%Y-%m-%d %H:%M:%S} UTC",
+        "",
+        f"- commit: {git_commit()}",
+        f"- machine: {platform.node()}, {cpu_model()}, {os.cpu_count()} cores, "
+        f"{platform.system()} {platform.release()} {platform.machine()}; "
+        f"load average {res.load_before} before, {res.load_after} after",
+        f"- software: Python {platform.python_version()}, torch {torch.__version__}, {wrk_version}",
+        f"- method: every server pinned to core {load.SERVER_CORE} (`taskset`), uvicorn, one "
+        "worker (the service through `loss-service serve` as shipped, LOSS_SERVICE_DEVICE=cpu; "
+        "the comparison apps without access log); wrk and this driver on core 1. "
+        f"Small = cross_entropy input [8,10] f32 + target [8]: wrk -t1 -c{opts.connections} "
+        f"for {opts.duration:g} s (req/s), wrk -t1 -c1 for {opts.c1_duration:g} s (p50). "
+        f"Large = input [4096,1000] f32 + target [4096] ({sizes}): median end-to-end "
+        f"seconds of {opts.repeats} sequential httpx requests after one warm-up "
+        f"({opts.naive_repeats} for the naive app, {2 * opts.repeats + 1} for the bare app); "
+        "v2 asks for binary output. Peak RSS = "
+        "VmHWM of a fresh server after its first large nested-JSON request. In-process: "
+        "median of repeated calls in one process on core 0 (nested = orjson.loads + "
+        "torch.tensor + F.cross_entropy; orjson.loads alone "
+        f"{fmt_s(res.orjson_loads_s)}; binary = torch.frombuffer + F.cross_entropy).",
+        "",
+        "## Absolute figures",
+        "",
+        *absolute_table(res),
+        "",
+        f"## Ratios of issue 5 ({passed} of {len(checks)} pass)",
+        "",
+        *ratio_table(checks, targets=True),
+        "",
+        "## Service vs the naive baseline",
+        "",
+        *ratio_table(speedups(res), targets=False),
+        "",
+        "Timings on a shared machine are noisy: compare ratios within one run, not "
+        "absolute figures across runs.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(text: str, started_at: datetime) -> list[Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    paths = [RESULTS / f"{started_at:%Y%m%dT%H%M%SZ}.md", RESULTS / "latest.md"]
+    for path in paths:
+        tmp = path.with_suffix(".md.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+    parser.add_argument("--duration", type=float, default=8, help="wrk seconds at c16 (8)")
+    parser.add_argument("--c1-duration", type=float, default=5, help="wrk seconds at c1 (5)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections (16)")
+    parser.add_argument("--repeats", type=int, default=5, help="large requests timed (5)")
+    parser.add_argument("--naive-repeats", type=int, default=3, help="for the naive app (3)")
+    parser.add_argument(
+        "--no-write", action="store_true", help="print only; leave bench/results/ alone"
+    )
+    args = parser.parse_args(argv)
+    return Options(
+        args.duration,
+        args.c1_duration,
+        args.connections,
+        args.repeats,
+        args.naive_repeats,
+        not args.no_write,
+    )
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+    started_at = datetime.now(UTC)
+    begin = time.monotonic()
+    started: list[Server] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="loss-bench-") as tmp:
+            res = measure(opts, Path(tmp), started)
+    except BenchError as exc:
+        print(f"\nbenchmark failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for server in started:  # also on Ctrl-C and SIGTERM
+            server.stop()
+    text = report(res, opts, started_at)
+    print("\n" + text)
+    if opts.write:
+        for path in write(text, started_at):
+            print(f"wrote {path.relative_to(load.ROOT)}")
+    print(f"(benchmark took {time.monotonic() - begin:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
