@@ -76,8 +76,9 @@ class Server:
                     + self.log_tail()
                 )
             try:
-                if httpx.get(self.base + self.ready_path, timeout=2).status_code == 200:
-                    return
+                with client(2) as c:
+                    if c.get(self.base + self.ready_path).status_code == 200:
+                        return
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
@@ -215,6 +216,11 @@ def wrk(url: str, script: Path, connections: int, seconds: float, what: str) -> 
 
 
 # --------------------------------------------------------------------------- httpx
+
+
+def client(timeout: float) -> httpx.Client:
+    """A loopback client that ignores any proxy settings of the environment."""
+    return httpx.Client(timeout=timeout, trust_env=False)
 
 
 def post(client: httpx.Client, url: str, body: Body, what: str) -> httpx.Response:

@@ -154,7 +154,7 @@ def small_load(
     check: Callable[[httpx.Response], None] | None,
 ) -> None:
     url = server.base + path
-    with httpx.Client(timeout=60) as client:
+    with load.client(60) as client:
         response = load.post(client, url, body, f"{server.name} small")
         if check is not None:
             check(response)
@@ -180,7 +180,7 @@ def large_time(
     repeats: int,
     check: Callable[[httpx.Response], None] | None = None,
 ) -> None:
-    with httpx.Client(timeout=600) as client:
+    with load.client(600) as client:
         seconds = load.median_seconds(
             client, server.base + path, body, f"{server.name} {body.name}", repeats, check
         )
@@ -198,7 +198,7 @@ def peak_rss(
 ) -> None:
     """VmHWM of the fresh server: after one small request, then after the first
     large nested-JSON request."""
-    with httpx.Client(timeout=600) as client:
+    with load.client(600) as client:
         load.post(client, server.base + CE_PATH, payloads.small_nested, f"{server.name} small")
         idle = load.vm_kib(server.pid, "VmHWM")
         response = load.post(client, server.base + CE_PATH, payloads.large_nested, server.name)
@@ -551,7 +551,14 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--no-write", action="store_true", help="print only; leave bench/results/ alone"
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: --duration 2 --c1-duration 1 --repeats 1 --naive-repeats 1",
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.c1_duration, args.repeats, args.naive_repeats = 2, 1, 1, 1
     return Options(
         args.duration,
         args.c1_duration,
