@@ -35,9 +35,22 @@ TORCH_ARGUMENT_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, NotImp
 
 @dataclass
 class Timings:
+    """What one request cost: durations (the Server-Timing header) and the
+    tensor bytes in and out (metrics)."""
+
     decode: float = 0.0
     compute: float = 0.0
     encode: float = 0.0
+    tensor_bytes_in: int = 0
+    tensor_bytes_out: int = 0
+    device: str | None = None
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "tensor_bytes_in": self.tensor_bytes_in,
+            "tensor_bytes_out": self.tensor_bytes_out,
+            "device": self.device,
+        }
 
     def header(self) -> str:
         return ", ".join(
@@ -139,8 +152,15 @@ def evaluate_request(
     tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
     decoded_at = time.perf_counter()
     timings.decode += decoded_at - start
+    timings.device = str(device)
+    timings.tensor_bytes_in += sum(
+        t.nbytes for t in tensors.values() if isinstance(t, torch.Tensor)
+    )
     evaluation = run_loss(spec, request, tensors, options, grad_names, budget, loc)
     timings.compute += time.perf_counter() - decoded_at
+    timings.tensor_bytes_out += evaluation.value.nbytes + sum(
+        g.nbytes for g in evaluation.grads.values()
+    )
     return evaluation
 
 

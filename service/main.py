@@ -9,9 +9,11 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from starlette.middleware.cors import CORSMiddleware
 
 from service import __version__
 from service.api import ops, problems, v1, v2
+from service.api.middleware import APIKeyMiddleware, ObservabilityMiddleware
 from service.api.runtime import Runtime
 from service.config import Settings
 from service.config import settings as default_settings
@@ -33,6 +35,7 @@ warnings.filterwarnings("ignore", message="Using a target size")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or default_settings
+    runtime = Runtime(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -47,13 +50,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    app.state.runtime = Runtime(settings)
+    app.state.runtime = runtime
     app.state.devices = []
     problems.install(app)
     app.include_router(v1.build_router())
     app.include_router(v2.build_router())
     app.include_router(ops.build_router())
     v1.register_models(app)
+
+    # Middleware, innermost first: keys are checked inside CORS (so preflights
+    # pass) and inside observability (so 401s are counted and logged).
+    if settings.api_keys:
+        app.add_middleware(
+            APIKeyMiddleware,
+            keys=[k.get_secret_value() for k in settings.api_keys],
+            metrics_open=not settings.metrics_requires_key,
+        )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID",
+                           "Inference-Header-Content-Length"],
+            expose_headers=["X-Request-ID", "Server-Timing", "Inference-Header-Content-Length"],
+        )  # fmt: skip
+    app.add_middleware(ObservabilityMiddleware, metrics=runtime.metrics)
     return app
 
 

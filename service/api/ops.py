@@ -1,12 +1,19 @@
-"""Operations routes: liveness and readiness."""
+"""Operations routes: liveness, readiness and Prometheus metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
+from service.api.runtime import runtime
 from service.api.v1 import json_response
 from service.compute import available_devices
+
+
+def is_ready(app: FastAPI) -> bool:
+    """Torch is loaded, the devices are probed, and the server is not draining."""
+    return bool(getattr(app.state, "devices", None)) and not app.state.runtime.draining
 
 
 def build_router() -> APIRouter:
@@ -17,18 +24,22 @@ def build_router() -> APIRouter:
         """Liveness: the process answers."""
         return json_response({"status": "ok"})
 
-    @router.get("/readyz")
+    @router.get("/readyz", responses={503: {"description": "Starting or draining"}})
     def readyz(request: Request) -> Response:
-        """Readiness: torch is loaded and the devices have been probed."""
-        devices = getattr(request.app.state, "devices", None)
-        if not devices:
+        """Readiness: torch is loaded, the devices are probed, not shutting down."""
+        if not is_ready(request.app):
+            status = "draining" if runtime(request).draining else "starting"
             return Response(
-                b'{"status":"starting"}',
-                status_code=503,
-                media_type="application/json",
-                headers={"Retry-After": "1"},
-            )
-        return json_response({"status": "ready", "devices": devices})
+                b'{"status":"%s"}' % status.encode(), status_code=503,
+                media_type="application/json", headers={"Retry-After": "1"},
+            )  # fmt: skip
+        return json_response({"status": "ready", "devices": request.app.state.devices})
+
+    @router.get("/metrics", response_class=Response)
+    def metrics(request: Request) -> Response:
+        """Prometheus metrics (text exposition format)."""
+        registry = runtime(request).metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
 

@@ -1,18 +1,29 @@
-"""Reading request bodies and running compute off the event loop."""
+"""Reading request bodies and running compute off the event loop, with
+backpressure: at most N computations at once, a bounded wait for a slot."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from service.config import Settings
-from service.errors import FieldError, InvalidPayload, PayloadTooLarge, UnsupportedMediaType
+from service.errors import (
+    BadRequest,
+    FieldError,
+    InvalidPayload,
+    Overloaded,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from service.metrics import Metrics
 
 T = TypeVar("T")
 
@@ -20,14 +31,60 @@ JSON_TYPES = ("application/json", "")
 
 
 class Runtime:
-    """Per-app state: the settings and the pool that bounds computations."""
+    """Per-app state: settings, metrics, the computation slots, the drain flag."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.limiter = anyio.CapacityLimiter(settings.max_concurrency or os.cpu_count() or 1)
+        self.metrics = Metrics()
+        self.capacity = settings.max_concurrency or os.cpu_count() or 1
+        self.slots = anyio.CapacityLimiter(self.capacity)
+        self.threads = anyio.CapacityLimiter(self.capacity)
+        self.draining = False
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(func, *args, limiter=self.limiter)
+        """Run ``func`` in a worker thread once a computation slot is free.
+
+        A request that waits longer than the queue timeout for a slot, or
+        longer than the compute timeout for its result, gets a 503; a
+        computation that outlives its request keeps its slot until it ends,
+        so the pool never runs more than N at once.
+        """
+        token = object()
+        self.metrics.queued.inc()
+        try:
+            with anyio.move_on_after(self.settings.queue_timeout) as waited:
+                await self.slots.acquire_on_behalf_of(token)
+        finally:
+            self.metrics.queued.dec()
+        if waited.cancelled_caught:
+            raise Overloaded(
+                f"all {self.capacity} computation slots stayed busy for "
+                f"{self.settings.queue_timeout:g} s; retry later",
+                retry_after=1,
+            )
+        self.metrics.computing.inc()
+
+        def work() -> T:
+            try:
+                return func(*args)
+            finally:
+                with contextlib.suppress(Exception):  # the loop may be gone at shutdown
+                    anyio.from_thread.run_sync(self._release, token)
+
+        with anyio.move_on_after(self.settings.compute_timeout) as ran:
+            return await anyio.to_thread.run_sync(
+                work, abandon_on_cancel=True, limiter=self.threads
+            )
+        assert ran.cancelled_caught
+        raise Overloaded(
+            f"the computation took longer than {self.settings.compute_timeout:g} s "
+            "(LOSS_SERVICE_COMPUTE_TIMEOUT); retry later or send less",
+            retry_after=5,
+        )
+
+    def _release(self, token: object) -> None:
+        self.slots.release_on_behalf_of(token)
+        self.metrics.computing.dec()
 
 
 def runtime(request: Request) -> Runtime:
@@ -46,13 +103,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(
-                f"request body exceeds the limit of {limit} bytes (LOSS_SERVICE_MAX_BODY_BYTES)"
-            )
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"request body exceeds the limit of {limit} bytes (LOSS_SERVICE_MAX_BODY_BYTES)"
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise BadRequest("the client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 

@@ -60,6 +60,7 @@ async def _serve_loss(request: Request, spec: LossSpec) -> Response:
     rt = runtime(request)
     body = await read_body(request, rt.settings.max_body_bytes)
     content, timings = await rt.run(_evaluate_body, spec, body, rt.settings)
+    request.state.loss_stats = timings.stats()
     return Response(
         content, media_type="application/json", headers={"Server-Timing": timings.header()}
     )
@@ -188,6 +189,7 @@ def build_router() -> APIRouter:
         rt = runtime(request)
         body = await read_body(request, rt.settings.max_body_bytes)
         content, timings = await rt.run(_evaluate_batch, body, rt.settings)
+        request.state.loss_stats = timings.stats()
         return Response(
             content, media_type="application/json", headers={"Server-Timing": timings.header()}
         )

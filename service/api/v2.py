@@ -20,10 +20,10 @@ import orjson
 import torch
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
-from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service import __version__
+from service.api.ops import is_ready
 from service.api.runtime import read_body, runtime
 from service.api.v1 import json_response
 from service.compute import Evaluation, Timings, evaluate_request
@@ -679,10 +679,7 @@ def _model(name: str, version: str) -> LossSpec:
 
 async def _serve_infer(request: Request, spec: LossSpec) -> Response:
     rt = runtime(request)
-    try:
-        body = await read_body(request, rt.settings.max_body_bytes)
-    except ClientDisconnect:
-        raise BadRequest("the client closed the connection before the whole body arrived") from None
+    body = await read_body(request, rt.settings.max_body_bytes)
     content, length, timings = await rt.run(
         infer,
         spec,
@@ -691,6 +688,7 @@ async def _serve_infer(request: Request, spec: LossSpec) -> Response:
         request.headers.get("content-encoding", ""),
         rt.settings,
     )
+    request.state.loss_stats = timings.stats()
     headers = {"Server-Timing": timings.header()}
     if length is None:
         return Response(content, media_type="application/json", headers=headers)
@@ -716,7 +714,7 @@ def build_router() -> APIRouter:
     @router.get("/health/ready", response_model=Ready, responses={503: ERROR_RESPONSES[503]})
     def server_ready(request: Request) -> Response:
         """Server readiness: torch is loaded and the devices have been probed."""
-        if not getattr(request.app.state, "devices", None):
+        if not is_ready(request.app):
             return Response(
                 orjson.dumps({"ready": False}),
                 status_code=503,

@@ -127,6 +127,11 @@ def register(spec: LossSpec) -> LossSpec:
     return spec
 
 
+def canonical_name(name: str) -> str | None:
+    """The canonical name for a name or alias, None when unknown."""
+    return _ALIASES.get(name.lower())
+
+
 def resolve(name: str) -> LossSpec:
     """A canonical name or a torch.nn class name (any case) -> its spec."""
     canonical = _ALIASES.get(name.lower())

@@ -1,0 +1,159 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: nothing is buffered or copied):
+request ids, API keys, metrics and the per-request log line."""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.problems import problem_body
+from service.errors import Unauthorized
+from service.logs import ACCESS
+from service.losses.registry import LOSSES, canonical_name
+from service.metrics import Metrics
+
+REQUEST_ID = b"x-request-id"
+OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/static-offline-docs",
+              "/v2/health/")  # fmt: skip
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def _request_id(scope: Scope) -> bytes:
+    given = _header(scope, REQUEST_ID)
+    if given and len(given) <= 200 and given.isascii() and given.decode().isprintable():
+        return given
+    return uuid.uuid4().hex.encode()
+
+
+def _labels(scope: Scope) -> tuple[str, str]:
+    """The route template and the canonical loss name (bounded label values)."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if path is None:
+        return "unmatched", ""
+    name = scope.get("path_params", {}).get("name")
+    if name is not None:
+        return path, canonical_name(str(name)) or "unknown"
+    last = path.rsplit("/", 1)[-1]
+    return path, last if last in LOSSES else ""
+
+
+class ObservabilityMiddleware:
+    """X-Request-ID, metrics by route/loss/status, and one log line per request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = _request_id(scope)
+        state: dict[str, Any] = {"status": 500, "in": 0, "out": 0}
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                state["in"] += len(message.get("body", b""))
+            return message
+
+        async def tagging_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID, request_id)]
+            elif message["type"] == "http.response.body":
+                state["out"] += len(message.get("body", b""))
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, counting_receive, tagging_send)
+        finally:
+            self.metrics.in_flight.dec()
+            self._record(scope, state, request_id, time.perf_counter() - start)
+
+    def _record(
+        self, scope: Scope, state: dict[str, Any], request_id: bytes, duration: float
+    ) -> None:
+        route, loss = _labels(scope)
+        status = str(state["status"])
+        m = self.metrics
+        m.requests.labels(route, loss, status).inc()
+        m.latency.labels(route, loss).observe(duration)
+        if state["status"] >= 400:
+            m.errors.labels(route, loss, status).inc()
+        m.body_bytes.labels("in").inc(state["in"])
+        m.body_bytes.labels("out").inc(state["out"])
+        extra = scope["state"].get("loss_stats") or {}
+        for direction in ("in", "out"):
+            if f"tensor_bytes_{direction}" in extra:
+                m.tensor_bytes.labels(direction).inc(extra[f"tensor_bytes_{direction}"])
+        if ACCESS.isEnabledFor(20):
+            ACCESS.info("request", extra={"fields": {
+                "request_id": request_id.decode(),
+                "method": scope["method"],
+                "route": route,
+                "loss": loss or None,
+                "status": state["status"],
+                "duration_ms": round(duration * 1000, 3),
+                "bytes_in": state["in"],
+                "bytes_out": state["out"],
+                "device": extra.get("device"),
+            }})  # fmt: skip
+
+
+class APIKeyMiddleware:
+    """With keys configured, every route but health, readiness and docs needs
+    ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
+
+    def __init__(self, app: ASGIApp, keys: list[str], metrics_open: bool) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.open = OPEN_PATHS + (("/metrics",) if metrics_open else ())
+
+    def authorized(self, scope: Scope) -> bool:
+        candidate = _header(scope, b"x-api-key")
+        if candidate is None:
+            auth = _header(scope, b"authorization") or b""
+            scheme, _, token = auth.partition(b" ")
+            candidate = token.strip() if scheme.lower() == b"bearer" else b""
+        # compare with every key, in constant time per key
+        matches = [hmac.compare_digest(candidate, key) for key in self.keys]
+        return any(matches)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or scope["method"] == "OPTIONS"
+            or path.startswith(self.open)
+            or self.authorized(scope)
+        ):
+            await self.app(scope, receive, send)
+            return
+        error = Unauthorized(
+            "a valid API key is required: Authorization: Bearer <key> or X-API-Key"
+        )
+        if path.startswith("/v2"):
+            body, media = orjson.dumps({"error": error.detail}), b"application/json"
+        else:
+            body, media = orjson.dumps(problem_body(error)), b"application/problem+json"
+        await send({"type": "http.response.start", "status": 401, "headers": [
+            (b"content-type", media), (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b'Bearer realm="loss-service"'),
+        ]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,174 @@
+"""Production behaviour in-process: API keys, CORS, request ids, metrics that
+move, backpressure (503 + Retry-After), and the per-request log line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.logs import JSONFormatter
+from service.main import create_app
+
+CE = "/v1/losses/cross_entropy"
+GOOD = {"input": [[2, 1], [1, 2]], "target": [1, 0]}
+
+
+def make(**settings: object) -> TestClient:
+    return TestClient(create_app(Settings(device="cpu", **settings)))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[TestClient]:
+    with make(api_keys="k-one,k-two") as c:
+        yield c
+
+
+def test_api_key_required(keyed: TestClient) -> None:
+    missing = keyed.post(CE, json=GOOD)
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    assert missing.headers["content-type"] == "application/problem+json"
+    assert "API key" in missing.json()["detail"]
+    assert keyed.post(CE, json=GOOD, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert keyed.post(CE, json=GOOD, headers={"X-API-Key": "k-on"}).status_code == 401
+    assert keyed.post(CE, json=GOOD, headers={"Authorization": "Bearer k-two"}).status_code == 200
+    assert keyed.post(CE, json=GOOD, headers={"X-API-Key": "k-one"}).status_code == 200
+    assert keyed.get("/v1/losses").status_code == 401
+    v2 = keyed.get("/v2/models/cross_entropy")
+    assert v2.status_code == 401 and "error" in v2.json()
+
+
+def test_health_readiness_docs_stay_open(keyed: TestClient) -> None:
+    for path in (
+        "/healthz",
+        "/readyz",
+        "/docs",
+        "/redoc",
+        "/openapi.json",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/metrics",
+    ):
+        assert keyed.get(path).status_code == 200, path
+
+
+def test_metrics_can_require_the_key() -> None:
+    with make(api_keys="k", metrics_requires_key=True) as c:
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers={"X-API-Key": "k"}).status_code == 200
+
+
+def test_no_auth_and_no_cors_by_default(client: TestClient) -> None:
+    response = client.post(CE, json=GOOD, headers={"Origin": "https://evil.example"})
+    assert response.status_code == 200
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_cors_when_configured() -> None:
+    with make(cors_origins="https://app.example") as c:
+        preflight = c.options(CE, headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type"})  # fmt: skip
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        ok = c.post(CE, json=GOOD, headers={"Origin": "https://app.example"})
+        assert ok.headers["access-control-allow-origin"] == "https://app.example"
+        other = c.post(CE, json=GOOD, headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_request_id_echoed_or_generated(client: TestClient) -> None:
+    echoed = client.post(CE, json=GOOD, headers={"X-Request-ID": "abc-123"})
+    assert echoed.headers["x-request-id"] == "abc-123"
+    generated = client.post(CE, json={"input": 1})
+    assert generated.status_code == 422
+    assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["x-request-id"])
+    assert client.get("/nope").headers["x-request-id"]
+
+
+def sample(client: TestClient, name: str, **labels: str) -> float:
+    """The value of one sample in the Prometheus text at /metrics (0 if absent)."""
+    for line in client.get("/metrics").text.splitlines():
+        m = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if m and m[1] == name and dict(re.findall(r'(\w+)="([^"]*)"', m[2] or "")) == labels:
+            return float(m[3])
+    return 0.0
+
+
+def test_metrics_counters_move(client: TestClient) -> None:
+    ok = {"route": "/v1/losses/cross_entropy", "loss": "cross_entropy", "status": "200"}
+    alias = {"route": "/v1/losses/{name}", "loss": "cross_entropy", "status": "200"}
+    bad = {"route": "/v1/losses/cross_entropy", "loss": "cross_entropy", "status": "422"}
+    before = {k: sample(client, "loss_service_requests_total", **v)
+              for k, v in {"ok": ok, "alias": alias, "bad": bad}.items()}  # fmt: skip
+    errors = sample(client, "loss_service_errors_total", **bad)
+    tensor_in = sample(client, "loss_service_tensor_bytes_total", direction="in")
+    client.post(CE, json=GOOD)
+    client.post("/v1/losses/CrossEntropyLoss", json=GOOD)
+    client.post(CE, json={"input": [[2, 1]], "target": [7]})
+    assert sample(client, "loss_service_requests_total", **ok) == before["ok"] + 1
+    assert sample(client, "loss_service_requests_total", **alias) == before["alias"] + 1
+    assert sample(client, "loss_service_requests_total", **bad) == before["bad"] + 1
+    assert sample(client, "loss_service_errors_total", **bad) == errors + 1
+    # two requests decoded a 2x2 float32 input and a 2-element int64 target
+    assert sample(client, "loss_service_tensor_bytes_total", direction="in") >= tensor_in + 64
+    text = client.get("/metrics").text
+    for name in (
+        "loss_service_request_duration_seconds_bucket",
+        "loss_service_in_flight_requests",
+        "loss_service_queued_computations",
+        "loss_service_body_bytes_total",
+    ):
+        assert name in text
+
+
+def test_503_when_every_computation_slot_stays_busy() -> None:
+    with make(max_concurrency=1, queue_timeout=0.2) as c:
+        runtime = c.app.state.runtime  # type: ignore[attr-defined]
+        holder = object()
+        assert c.portal is not None
+        c.portal.call(runtime.slots.acquire_on_behalf_of, holder)  # one computation in progress
+        try:
+            busy = c.post(CE, json=GOOD)
+            assert busy.status_code == 503
+            assert busy.headers["retry-after"] == "1"
+            assert "computation slots" in busy.json()["detail"]
+            assert c.post("/v2/models/cross_entropy/infer", json={"inputs": []}).status_code in (
+                400,
+                503,
+            )
+        finally:
+            c.portal.call(runtime.slots.release_on_behalf_of, holder)
+        assert c.post(CE, json=GOOD).status_code == 200
+
+
+def test_503_when_a_computation_outlives_the_compute_timeout() -> None:
+    with make(compute_timeout=1e-6) as c:
+        slow = c.post(CE, json=GOOD)
+        assert slow.status_code == 503 and slow.headers["retry-after"]
+        assert "LOSS_SERVICE_COMPUTE_TIMEOUT" in slow.json()["detail"]
+
+
+def test_one_log_line_per_request_without_tensor_contents(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = 123.456789
+    with caplog.at_level(logging.INFO, logger="loss_service.access"):
+        client.post(
+            CE,
+            json={"input": [[secret, 1], [1, 2]], "target": [1, 0]},
+            headers={"X-Request-ID": "log-test"},
+        )
+    records = [r for r in caplog.records if r.name == "loss_service.access"]
+    assert len(records) == 1
+    line = json.loads(JSONFormatter().format(records[0]))
+    assert line["request_id"] == "log-test" and line["status"] == 200
+    assert line["route"] == "/v1/losses/cross_entropy" and line["loss"] == "cross_entropy"
+    assert line["device"] == "cpu" and line["bytes_in"] > 0 and line["duration_ms"] > 0
+    assert str(secret) not in json.dumps(line)
