@@ -21,9 +21,12 @@ import binascii
 import math
 from typing import Any, Literal
 
+import numpy as np
+import orjson
 import torch
 
 from service.errors import PayloadTooLarge, invalid
+from service.fastjson import NumericArray
 
 Role = Literal["float", "index", "any"]
 Encoding = Literal["nested", "flat", "b64"]
@@ -96,7 +99,10 @@ def decode_raw(
 ) -> tuple[torch.Tensor, bool]:
     """Decode without applying the role; also says whether the dtype was explicit
     (an object form with a ``dtype``)."""
-    if isinstance(value, dict):
+    if isinstance(value, NumericArray):
+        budget.take(field, value.flat.size)
+        tensor, explicit = _from_numeric(value, _wire_dtype(role, float_dtype)), False
+    elif isinstance(value, dict):
         tensor, explicit = (
             _decode_object(value, field, role, float_dtype, budget),
             value.get("dtype") is not None,
@@ -183,6 +189,15 @@ def _decode_object(
         return _decode_b64(value["b64"], field, shape, numel, dtype)
 
     data = value["data"]
+    if isinstance(data, NumericArray):
+        if len(data.shape) != 1:
+            raise invalid((field, "data"), "expected a flat array of numbers, got a nested array")
+        if data.flat.size != numel:
+            raise invalid(
+                (field, "data"),
+                f"expected {numel} elements for shape {shape}, got {data.flat.size}",
+            )
+        return _from_numeric(data, dtype).reshape(shape)
     if not isinstance(data, list):
         raise invalid((field, "data"), f"expected a flat array of numbers, got {_json_type(data)}")
     if len(data) != numel:
@@ -246,11 +261,22 @@ def _decode_nested(
 ) -> torch.Tensor:
     shape = _nested_shape(value, field)
     budget.take(field, math.prod(shape))
-    if role == "float":
-        dtype: torch.dtype | None = float_dtype
-    else:
-        dtype = None  # inferred: int64 for integers, checked by coerce_role
-    return _tensor_from_list(value, (field,), dtype, flat=False)
+    return _tensor_from_list(value, (field,), _wire_dtype(role, float_dtype), flat=False)
+
+
+def _wire_dtype(role: Role, float_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype a plain array is built in: the float dtype for float roles;
+    None (int64 for integers, else float64, checked by coerce_role) otherwise."""
+    return float_dtype if role == "float" else None
+
+
+def _from_numeric(array: NumericArray, dtype: torch.dtype | None) -> torch.Tensor:
+    """A simdjson-decoded array -> tensor: the same values ``torch.tensor`` gives
+    for the same JSON numbers (one rounding from the parsed double)."""
+    flat = torch.from_numpy(array.flat)
+    if dtype is not None and flat.dtype != dtype:
+        flat = flat.to(dtype)
+    return flat.reshape(array.shape)
 
 
 def _nested_shape(value: Any, field: str) -> list[int]:
@@ -368,10 +394,15 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 
 def _jsonable(tensor: torch.Tensor) -> Any:
-    data = tensor.tolist()
-    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
-        return _strings_for_nonfinite(data)
-    return data
+    """Nested JSON for a tensor, written by orjson from the numpy buffer (no
+    Python object per element). Floats are written as the exact float64 value
+    of each element, as ``tensor.tolist()`` would give them."""
+    if tensor.is_floating_point():
+        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            return _strings_for_nonfinite(tensor.tolist())
+        tensor = tensor.to(torch.float64)
+    array = np.ascontiguousarray(tensor.numpy())
+    return orjson.Fragment(orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
 def _strings_for_nonfinite(data: Any) -> Any:

@@ -3,22 +3,20 @@ backpressure: at most N computations at once, a bounded wait for a slot."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
-import orjson
 from starlette.requests import ClientDisconnect, Request
 
+from service import fastjson
 from service.config import Settings
 from service.errors import (
     BadRequest,
-    FieldError,
-    InvalidPayload,
     Overloaded,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -50,6 +48,7 @@ class Runtime:
         so the pool never runs more than N at once.
         """
         token = object()
+        loop = asyncio.get_running_loop()
         self.metrics.queued.inc()
         try:
             with anyio.move_on_after(self.settings.queue_timeout) as waited:
@@ -68,8 +67,9 @@ class Runtime:
             try:
                 return func(*args)
             finally:
-                with contextlib.suppress(Exception):  # the loop may be gone at shutdown
-                    anyio.from_thread.run_sync(self._release, token)
+                # without waiting for the loop (the request may have given up on us)
+                with contextlib.suppress(RuntimeError):  # the loop is gone at shutdown
+                    loop.call_soon_threadsafe(self._release, token)
 
         with anyio.move_on_after(self.settings.compute_timeout) as ran:
             return await anyio.to_thread.run_sync(
@@ -93,14 +93,20 @@ def runtime(request: Request) -> Runtime:
     return value
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed ``limit``."""
+async def read_body(request: Request, limit: int) -> bytes | bytearray:
+    """The whole body, refused with 413 as soon as it is known to exceed ``limit``.
+
+    With a Content-Length the body is read into one buffer of that size (no
+    second copy to join chunks); without one, chunks are joined at the end.
+    """
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(
             f"request body of {int(length)} bytes exceeds the limit of {limit} bytes "
             "(LOSS_SERVICE_MAX_BODY_BYTES)"
         )
+    if length is not None and length.isdigit() and int(length) > 65536:
+        return await _read_into(request, int(length))
     chunks: list[bytes] = []
     size = 0
     try:
@@ -116,6 +122,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _read_into(request: Request, length: int) -> bytearray:
+    buffer = bytearray(length)
+    view = memoryview(buffer)
+    size = 0
+    try:
+        async for chunk in request.stream():
+            view[size : size + len(chunk)] = chunk  # the server enforces Content-Length
+            size += len(chunk)
+    except ClientDisconnect:
+        raise BadRequest("the client disconnected before sending the whole body") from None
+    finally:
+        view.release()
+    return buffer
+
+
 def require_json(request: Request) -> None:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media not in JSON_TYPES and not media.endswith("+json"):
@@ -124,8 +145,6 @@ def require_json(request: Request) -> None:
         )
 
 
-def parse_json(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidPayload([FieldError(("body",), f"invalid JSON: {exc}")]) from None
+def parse_json(body: bytes | bytearray) -> Any:
+    """A JSON body; large numeric arrays come out as flat buffers (service.fastjson)."""
+    return fastjson.loads(body)
