@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import torch
@@ -77,6 +78,7 @@ def available_devices() -> list[str]:
     return devices
 
 
+@cache
 def resolve_device(requested: str | None, default: str) -> torch.device:
     name = requested if requested is not None else default
     loc = "device" if requested is not None else "device (the server default)"
@@ -149,7 +151,10 @@ def evaluate_request(
         grad_names = grad_targets(spec, request, tensors)
     except InvalidPayload as exc:
         raise _relocate(exc, loc) from None
-    tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+    if device.type != "cpu":  # decoded on the CPU, checked there, then moved once
+        tensors = {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()
+        }
     decoded_at = time.perf_counter()
     timings.decode += decoded_at - start
     timings.device = str(device)

@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     max_tensor_elements: int = Field(2**26, ge=1, description="Per request, all tensors")
     max_elements_per_tensor: int = Field(2**26, ge=1, description="Per tensor")
     max_concurrency: int = Field(0, ge=0, description="Computations at once; 0 = CPU count")
+    inline_max_body_bytes: int = Field(
+        16 * 1024,
+        ge=0,
+        description="Bodies up to this size are computed on the event loop (cheaper than a "
+        "thread hand-off); 0 sends every request to the worker pool",
+    )
     queue_timeout: float = Field(
         10.0, gt=0, description="Seconds a request may wait for a computation slot, then 503"
     )

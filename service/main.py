@@ -13,6 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from service import __version__
 from service.api import ops, problems, v1, v2
+from service.api.hotpaths import HotPathDispatch
 from service.api.middleware import APIKeyMiddleware, ObservabilityMiddleware
 from service.api.runtime import Runtime
 from service.config import Settings
@@ -58,8 +59,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.build_router())
     v1.register_models(app)
 
-    # Middleware, innermost first: keys are checked inside CORS (so preflights
-    # pass) and inside observability (so 401s are counted and logged).
+    # Middleware, innermost first: the compute routes' dispatch; keys are
+    # checked inside CORS (so preflights pass) and inside observability (so
+    # 401s are counted and logged).
+    app.add_middleware(HotPathDispatch)
     if settings.api_keys:
         app.add_middleware(
             APIKeyMiddleware,

@@ -8,6 +8,7 @@ the whole replica.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -74,3 +75,30 @@ class Metrics:
             "loss_service_running_computations", "Computations running", registry=r
         )
         r.register(_CudaMemory())
+        # label children resolved once, not per request
+        self.body_in = self.body_bytes.labels("in")
+        self.body_out = self.body_bytes.labels("out")
+        self.tensor_in = self.tensor_bytes.labels("in")
+        self.tensor_out = self.tensor_bytes.labels("out")
+        self._series: dict[tuple[str, str, int], Series] = {}
+
+    def series(self, route: str, loss: str, status: int) -> Series:
+        """The per-request metrics of one (route, loss, status), cached: route
+        and loss are bounded (route templates, known losses), so is status."""
+        key = (route, loss, status)
+        found = self._series.get(key)
+        if found is None:
+            code = str(status)
+            found = self._series[key] = Series(
+                self.requests.labels(route, loss, code),
+                self.latency.labels(route, loss),
+                self.errors.labels(route, loss, code) if status >= 400 else None,
+            )
+        return found
+
+
+@dataclass(frozen=True)
+class Series:
+    requests: Counter
+    latency: Histogram
+    errors: Counter | None

@@ -296,6 +296,17 @@ def _nested_shape(value: Any, field: str) -> list[int]:
 def _tensor_from_list(
     data: Any, loc: tuple[str, ...], dtype: torch.dtype | None, *, flat: bool
 ) -> torch.Tensor:
+    """Nested lists -> tensor. numpy builds the array in C (int64 when every
+    number is an integer, else float64) and the cast rounds once from that
+    double, which is what ``torch.tensor(data, dtype=dtype)`` gives; anything
+    numpy does not read as plain numbers takes torch's path and its errors."""
+    try:
+        array = np.array(data)
+    except (TypeError, ValueError, OverflowError):
+        array = None  # ragged: torch's path below says where
+    if array is not None and array.dtype.kind in "if":
+        tensor = torch.from_numpy(array)
+        return tensor.to(dtype) if dtype is not None else tensor
     wire_dtype = dtype
     if dtype is None:
         try:

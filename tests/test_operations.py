@@ -102,19 +102,26 @@ def sample(client: TestClient, name: str, **labels: str) -> float:
 
 
 def test_metrics_counters_move(client: TestClient) -> None:
-    ok = {"route": "/v1/losses/cross_entropy", "loss": "cross_entropy", "status": "200"}
-    alias = {"route": "/v1/losses/{name}", "loss": "cross_entropy", "status": "200"}
-    bad = {"route": "/v1/losses/cross_entropy", "loss": "cross_entropy", "status": "422"}
-    before = {k: sample(client, "loss_service_requests_total", **v)
-              for k, v in {"ok": ok, "alias": alias, "bad": bad}.items()}  # fmt: skip
+    # by route template and canonical loss name, whichever name the client used
+    ok = {"route": "/v1/losses/{name}", "loss": "cross_entropy", "status": "200"}
+    bad = {"route": "/v1/losses/{name}", "loss": "cross_entropy", "status": "422"}
+    unknown = {"route": "/v1/losses/{name}", "loss": "unknown", "status": "404"}
+    v2 = {"route": "/v2/models/{name}/infer", "loss": "mse_loss", "status": "200"}
+    labels = {"ok": ok, "bad": bad, "unknown": unknown, "v2": v2}
+    before = {k: sample(client, "loss_service_requests_total", **v) for k, v in labels.items()}
     errors = sample(client, "loss_service_errors_total", **bad)
     tensor_in = sample(client, "loss_service_tensor_bytes_total", direction="in")
     client.post(CE, json=GOOD)
     client.post("/v1/losses/CrossEntropyLoss", json=GOOD)
     client.post(CE, json={"input": [[2, 1]], "target": [7]})
-    assert sample(client, "loss_service_requests_total", **ok) == before["ok"] + 1
-    assert sample(client, "loss_service_requests_total", **alias) == before["alias"] + 1
+    client.post("/v1/losses/no-such-loss", json=GOOD)
+    client.post("/v2/models/MSELoss/infer", json={"inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [1], "data": [1.0]},
+        {"name": "target", "datatype": "FP32", "shape": [1], "data": [0.0]}]})  # fmt: skip
+    assert sample(client, "loss_service_requests_total", **ok) == before["ok"] + 2
     assert sample(client, "loss_service_requests_total", **bad) == before["bad"] + 1
+    assert sample(client, "loss_service_requests_total", **unknown) == before["unknown"] + 1
+    assert sample(client, "loss_service_requests_total", **v2) == before["v2"] + 1
     assert sample(client, "loss_service_errors_total", **bad) == errors + 1
     # two requests decoded a 2x2 float32 input and a 2-element int64 target
     assert sample(client, "loss_service_tensor_bytes_total", direction="in") >= tensor_in + 64
@@ -129,7 +136,8 @@ def test_metrics_counters_move(client: TestClient) -> None:
 
 
 def test_503_when_every_computation_slot_stays_busy() -> None:
-    with make(max_concurrency=1, queue_timeout=0.2) as c:
+    # inline_max_body_bytes=0: even this small request goes through the pool
+    with make(max_concurrency=1, queue_timeout=0.2, inline_max_body_bytes=0) as c:
         runtime = c.app.state.runtime  # type: ignore[attr-defined]
         holder = object()
         assert c.portal is not None
@@ -149,7 +157,7 @@ def test_503_when_every_computation_slot_stays_busy() -> None:
 
 
 def test_503_when_a_computation_outlives_the_compute_timeout() -> None:
-    with make(compute_timeout=1e-6) as c:
+    with make(compute_timeout=1e-6, inline_max_body_bytes=0) as c:
         slow = c.post(CE, json=GOOD)
         assert slow.status_code == 503 and slow.headers["retry-after"]
         assert "LOSS_SERVICE_COMPUTE_TIMEOUT" in slow.json()["detail"]
@@ -169,6 +177,20 @@ def test_one_log_line_per_request_without_tensor_contents(
     assert len(records) == 1
     line = json.loads(JSONFormatter().format(records[0]))
     assert line["request_id"] == "log-test" and line["status"] == 200
-    assert line["route"] == "/v1/losses/cross_entropy" and line["loss"] == "cross_entropy"
+    assert line["route"] == "/v1/losses/{name}" and line["loss"] == "cross_entropy"
     assert line["device"] == "cpu" and line["bytes_in"] > 0 and line["duration_ms"] > 0
     assert str(secret) not in json.dumps(line)
+
+
+def test_small_requests_are_computed_inline_and_large_ones_in_the_pool() -> None:
+    with make(max_concurrency=1, queue_timeout=0.2, inline_max_body_bytes=1000) as c:
+        runtime = c.app.state.runtime  # type: ignore[attr-defined]
+        holder = object()
+        assert c.portal is not None
+        c.portal.call(runtime.slots.acquire_on_behalf_of, holder)
+        try:
+            assert c.post(CE, json=GOOD).status_code == 200  # inline: no slot needed
+            large = {"input": [[0.5] * 300] * 2, "target": [1, 0]}  # over 1000 bytes
+            assert c.post(CE, json=large).status_code == 503
+        finally:
+            c.portal.call(runtime.slots.release_on_behalf_of, holder)

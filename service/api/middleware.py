@@ -90,18 +90,18 @@ class ObservabilityMiddleware:
         self, scope: Scope, state: dict[str, Any], request_id: bytes, duration: float
     ) -> None:
         route, loss = _labels(scope)
-        status = str(state["status"])
+        series = self.metrics.series(route, loss, state["status"])
+        series.requests.inc()
+        series.latency.observe(duration)
+        if series.errors is not None:
+            series.errors.inc()
         m = self.metrics
-        m.requests.labels(route, loss, status).inc()
-        m.latency.labels(route, loss).observe(duration)
-        if state["status"] >= 400:
-            m.errors.labels(route, loss, status).inc()
-        m.body_bytes.labels("in").inc(state["in"])
-        m.body_bytes.labels("out").inc(state["out"])
+        m.body_in.inc(state["in"])
+        m.body_out.inc(state["out"])
         extra = scope["state"].get("loss_stats") or {}
-        for direction in ("in", "out"):
-            if f"tensor_bytes_{direction}" in extra:
-                m.tensor_bytes.labels(direction).inc(extra[f"tensor_bytes_{direction}"])
+        if "tensor_bytes_in" in extra:
+            m.tensor_in.inc(extra["tensor_bytes_in"])
+            m.tensor_out.inc(extra["tensor_bytes_out"])
         if ACCESS.isEnabledFor(20):
             ACCESS.info("request", extra={"fields": {
                 "request_id": request_id.decode(),

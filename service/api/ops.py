@@ -20,12 +20,12 @@ def build_router() -> APIRouter:
     router = APIRouter(tags=["ops"])
 
     @router.get("/healthz")
-    def healthz() -> Response:
+    async def healthz() -> Response:
         """Liveness: the process answers."""
         return json_response({"status": "ok"})
 
     @router.get("/readyz", responses={503: {"description": "Starting or draining"}})
-    def readyz(request: Request) -> Response:
+    async def readyz(request: Request) -> Response:
         """Readiness: torch is loaded, the devices are probed, not shutting down."""
         if not is_ready(request.app):
             status = "draining" if runtime(request).draining else "starting"

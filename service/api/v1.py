@@ -55,11 +55,11 @@ def _evaluate_body(spec: LossSpec, body: bytes, settings: Settings) -> tuple[byt
     return content, timings
 
 
-async def _serve_loss(request: Request, spec: LossSpec) -> Response:
+async def serve_loss(request: Request, spec: LossSpec) -> Response:
     require_json(request)
     rt = runtime(request)
     body = await read_body(request, rt.settings.max_body_bytes)
-    content, timings = await rt.run(_evaluate_body, spec, body, rt.settings)
+    content, timings = await rt.run(_evaluate_body, spec, body, rt.settings, body_bytes=len(body))
     request.state.loss_stats = timings.stats()
     return Response(
         content, media_type="application/json", headers={"Server-Timing": timings.header()}
@@ -68,7 +68,7 @@ async def _serve_loss(request: Request, spec: LossSpec) -> Response:
 
 def _loss_endpoint(spec: LossSpec) -> Any:
     async def endpoint(request: Request) -> Response:
-        return await _serve_loss(request, spec)
+        return await serve_loss(request, spec)
 
     endpoint.__name__ = f"post_{spec.name}"
     endpoint.__doc__ = f"Evaluate torch.nn.functional.{spec.name} (alias {spec.alias})."
@@ -165,7 +165,7 @@ def build_router() -> APIRouter:
     @router.post("/losses/{name}", include_in_schema=False)
     async def post_by_alias(name: str, request: Request) -> Response:
         """Evaluate a loss named by its torch.nn class name (any case)."""
-        return await _serve_loss(request, resolve(name))
+        return await serve_loss(request, resolve(name))
 
     @router.post(
         "/batch",
@@ -188,7 +188,7 @@ def build_router() -> APIRouter:
         require_json(request)
         rt = runtime(request)
         body = await read_body(request, rt.settings.max_body_bytes)
-        content, timings = await rt.run(_evaluate_batch, body, rt.settings)
+        content, timings = await rt.run(_evaluate_batch, body, rt.settings, body_bytes=len(body))
         request.state.loss_stats = timings.stats()
         return Response(
             content, media_type="application/json", headers={"Server-Timing": timings.header()}

@@ -677,7 +677,7 @@ def _model(name: str, version: str) -> LossSpec:
     return spec
 
 
-async def _serve_infer(request: Request, spec: LossSpec) -> Response:
+async def serve_infer(request: Request, spec: LossSpec) -> Response:
     rt = runtime(request)
     body = await read_body(request, rt.settings.max_body_bytes)
     content, length, timings = await rt.run(
@@ -687,6 +687,7 @@ async def _serve_infer(request: Request, spec: LossSpec) -> Response:
         request.headers.get(HEADER_LENGTH),
         request.headers.get("content-encoding", ""),
         rt.settings,
+        body_bytes=len(body),
     )
     request.state.loss_stats = timings.stats()
     headers = {"Server-Timing": timings.header()}
@@ -762,7 +763,7 @@ def build_router() -> APIRouter:
     )
     async def model_infer(request: Request, name: str) -> Response:
         """Evaluate the loss: JSON or binary tensor data in, the same out."""
-        return await _serve_infer(request, resolve(name))
+        return await serve_infer(request, resolve(name))
 
     # The versioned forms, for clients that name a version (the only one is "1").
     @router.get("/models/{name}/versions/{version}", include_in_schema=False)
@@ -775,6 +776,6 @@ def build_router() -> APIRouter:
 
     @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
     async def model_infer_version(request: Request, name: str, version: str) -> Response:
-        return await _serve_infer(request, _model(name, version))
+        return await serve_infer(request, _model(name, version))
 
     return router
