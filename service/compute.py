@@ -54,10 +54,8 @@ class Timings:
         }
 
     def header(self) -> str:
-        return ", ".join(
-            f"{name};dur={getattr(self, name) * 1000:.3f}"
-            for name in ("decode", "compute", "encode")
-        )
+        d, c, e = self.decode * 1000, self.compute * 1000, self.encode * 1000
+        return f"decode;dur={d:.3f}, compute;dur={c:.3f}, encode;dur={e:.3f}"
 
 
 @dataclass

@@ -1,15 +1,42 @@
-"""Logging: one structured line per request (JSON or key=value text)."""
+"""Logging: one structured line per request (JSON or key=value text), and
+the same formats for the service's and uvicorn's own log records."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-ACCESS = logging.getLogger("loss_service.access")
+
+class AccessLog:
+    """The per-request line, written with one ``write`` call: no LogRecord,
+    no handler lock, no formatter chain (this runs on every request)."""
+
+    def __init__(self, fmt: str, write: Callable[[bytes], object] | None = None) -> None:
+        self.json = fmt == "json"
+        self.write = write or (lambda line: os.write(sys.stderr.fileno(), line))
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, fields: dict[str, Any]) -> None:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        ts = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+        if self.json:
+            line = orjson.dumps({"ts": ts, "level": "info", "logger": "loss_service.access",
+                                 "msg": "request", **fields})  # fmt: skip
+        else:
+            pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+            line = f"{ts} INFO loss_service.access request {pairs}".encode()
+        self.write(line + b"\n")
 
 
 class JSONFormatter(logging.Formatter):
@@ -46,4 +73,4 @@ def configure(level: str, fmt: str) -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
-    logging.getLogger("uvicorn.access").disabled = True  # our access line replaces it
+    logging.getLogger("uvicorn.access").disabled = True  # AccessLog replaces it

@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            "Inference-Header-Content-Length"],
             expose_headers=["X-Request-ID", "Server-Timing", "Inference-Header-Content-Length"],
         )  # fmt: skip
-    app.add_middleware(ObservabilityMiddleware, metrics=runtime.metrics)
+    app.add_middleware(ObservabilityMiddleware, runtime=runtime)
     return app
 
 

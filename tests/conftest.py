@@ -7,9 +7,11 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import httpx
 import pytest
@@ -34,23 +36,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+LOGS: dict[int, IO[bytes]] = {}
+
+
+def server_log(proc: subprocess.Popen[bytes]) -> str:
+    """What a server started by start_server wrote to stderr (its logs)."""
+    log = LOGS[proc.pid]
+    log.seek(0)
+    return log.read().decode(errors="replace")
+
+
 def start_server(env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """A real uvicorn process serving the app on a free loopback port."""
     port = free_port()
     full_env = {**os.environ, "LOSS_SERVICE_HOST": "127.0.0.1", "LOSS_SERVICE_PORT": str(port)}
     full_env.update(env or {})
+    log = tempfile.TemporaryFile()  # noqa: SIM115  (closed by stop_server)
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve"],
         cwd=ROOT,
         env=full_env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        # a file, not a pipe: nobody reads the request log while tests run, and a
+        # full pipe would block the server
+        stderr=log,
     )
+    LOGS[proc.pid] = log
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
+            err = server_log(proc)
+            LOGS.pop(proc.pid).close()
             raise RuntimeError(f"server exited with {proc.returncode}: {err[-2000:]}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
@@ -58,7 +75,7 @@ def start_server(env: dict[str, str] | None = None) -> tuple[subprocess.Popen[by
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    proc.kill()
+    stop_server(proc)
     raise RuntimeError("server did not become ready in 60 s")
 
 
@@ -69,8 +86,7 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    if proc.stderr is not None:
-        proc.stderr.close()  # else an unclosed-file ResourceWarning fails the session
+    LOGS.pop(proc.pid).close()
 
 
 @pytest.fixture(scope="session")

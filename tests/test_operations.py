@@ -4,7 +4,6 @@ move, backpressure (503 + Retry-After), and the per-request log line."""
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Iterator
 
@@ -12,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.config import Settings
-from service.logs import JSONFormatter
+from service.logs import AccessLog
 from service.main import create_app
 
 CE = "/v1/losses/cross_entropy"
@@ -163,23 +162,35 @@ def test_503_when_a_computation_outlives_the_compute_timeout() -> None:
         assert "LOSS_SERVICE_COMPUTE_TIMEOUT" in slow.json()["detail"]
 
 
-def test_one_log_line_per_request_without_tensor_contents(
-    client: TestClient, caplog: pytest.LogCaptureFixture
-) -> None:
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_one_log_line_per_request_without_tensor_contents(fmt: str) -> None:
     secret = 123.456789
-    with caplog.at_level(logging.INFO, logger="loss_service.access"):
-        client.post(
+    lines: list[bytes] = []
+    with make(log_format=fmt) as c:
+        c.app.state.runtime.access_log = AccessLog(fmt, lines.append)  # type: ignore[attr-defined]
+        c.post(
             CE,
             json={"input": [[secret, 1], [1, 2]], "target": [1, 0]},
             headers={"X-Request-ID": "log-test"},
         )
-    records = [r for r in caplog.records if r.name == "loss_service.access"]
-    assert len(records) == 1
-    line = json.loads(JSONFormatter().format(records[0]))
-    assert line["request_id"] == "log-test" and line["status"] == 200
-    assert line["route"] == "/v1/losses/{name}" and line["loss"] == "cross_entropy"
-    assert line["device"] == "cpu" and line["bytes_in"] > 0 and line["duration_ms"] > 0
-    assert str(secret) not in json.dumps(line)
+    assert len(lines) == 1 and lines[0].endswith(b"\n")
+    text = lines[0].decode()
+    assert str(secret) not in text
+    if fmt == "json":
+        line = json.loads(text)
+        assert line["request_id"] == "log-test" and line["status"] == 200
+        assert line["route"] == "/v1/losses/{name}" and line["loss"] == "cross_entropy"
+        assert line["device"] == "cpu" and line["bytes_in"] > 0 and line["duration_ms"] > 0
+        assert line["level"] == "info" and line["ts"].endswith("Z")
+    else:
+        assert (
+            "request_id=log-test" in text and "status=200" in text and "loss=cross_entropy" in text
+        )
+
+
+def test_no_request_log_above_info() -> None:
+    with make(log_level="warning") as c:
+        assert c.app.state.runtime.access_log is None  # type: ignore[attr-defined]
 
 
 def test_small_requests_are_computed_inline_and_large_ones_in_the_pool() -> None:

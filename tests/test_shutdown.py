@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from tests.conftest import start_server, stop_server
+from tests.conftest import server_log, start_server, stop_server
 
 BODY = json.dumps({"input": [[2, 1], [1, 2]], "target": [1, 0]}).encode()
 
@@ -53,5 +53,9 @@ def test_sigterm_drains() -> None:
         assert b'"value":1.31326162815094' in response
         # uvicorn re-raises the captured SIGTERM once it has shut down cleanly
         assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
+        # the request log on stderr: one JSON line per request
+        lines = [json.loads(x) for x in server_log(proc).splitlines() if '"request_id"' in x]
+        posted = [x for x in lines if x["route"] == "/v1/losses/{name}"]
+        assert posted and posted[-1]["status"] == 200 and posted[-1]["loss"] == "cross_entropy"
     finally:
         stop_server(proc)

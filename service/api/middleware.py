@@ -4,18 +4,17 @@ request ids, API keys, metrics and the per-request log line."""
 from __future__ import annotations
 
 import hmac
+import os
 import time
-import uuid
 from typing import Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.problems import problem_body
+from service.api.runtime import Runtime
 from service.errors import Unauthorized
-from service.logs import ACCESS
 from service.losses.registry import LOSSES, canonical_name
-from service.metrics import Metrics
 
 REQUEST_ID = b"x-request-id"
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/static-offline-docs",
@@ -33,7 +32,7 @@ def _request_id(scope: Scope) -> bytes:
     given = _header(scope, REQUEST_ID)
     if given and len(given) <= 200 and given.isascii() and given.decode().isprintable():
         return given
-    return uuid.uuid4().hex.encode()
+    return os.urandom(16).hex().encode()
 
 
 def _labels(scope: Scope) -> tuple[str, str]:
@@ -52,9 +51,10 @@ def _labels(scope: Scope) -> tuple[str, str]:
 class ObservabilityMiddleware:
     """X-Request-ID, metrics by route/loss/status, and one log line per request."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
-        self.metrics = metrics
+        self.metrics = runtime.metrics
+        self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,8 +102,9 @@ class ObservabilityMiddleware:
         if "tensor_bytes_in" in extra:
             m.tensor_in.inc(extra["tensor_bytes_in"])
             m.tensor_out.inc(extra["tensor_bytes_out"])
-        if ACCESS.isEnabledFor(20):
-            ACCESS.info("request", extra={"fields": {
+        access_log = self.runtime.access_log
+        if access_log is not None:
+            access_log({
                 "request_id": request_id.decode(),
                 "method": scope["method"],
                 "route": route,
@@ -113,7 +114,7 @@ class ObservabilityMiddleware:
                 "bytes_in": state["in"],
                 "bytes_out": state["out"],
                 "device": extra.get("device"),
-            }})  # fmt: skip
+            })  # fmt: skip
 
 
 class APIKeyMiddleware:

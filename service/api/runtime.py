@@ -21,6 +21,7 @@ from service.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from service.logs import AccessLog
 from service.metrics import Metrics
 
 T = TypeVar("T")
@@ -38,6 +39,8 @@ class Runtime:
         self.slots = anyio.CapacityLimiter(self.capacity)
         self.threads = anyio.CapacityLimiter(self.capacity)
         self.draining = False
+        verbose = settings.log_level in ("debug", "info")
+        self.access_log = AccessLog(settings.log_format) if verbose else None
 
     async def run(self, func: Callable[..., T], *args: Any, body_bytes: int) -> T:
         """Run ``func`` in a worker thread once a computation slot is free.
