@@ -16,13 +16,13 @@ int64 and must hold integral values.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 from typing import Any, Literal
 
 import numpy as np
 import orjson
+import pybase64
 import torch
 
 from service.errors import PayloadTooLarge, invalid
@@ -227,7 +227,7 @@ def _decode_b64(
     if not isinstance(raw, str):
         raise invalid((field, "b64"), f"expected a base64 string, got {_json_type(raw)}")
     try:
-        data = base64.b64decode(raw, validate=True)
+        data = pybase64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise invalid((field, "b64"), f"invalid base64: {exc}") from None
     wire_dtype = torch.uint8 if dtype == torch.bool else dtype
@@ -244,9 +244,20 @@ def _decode_b64(
 def bytes_to_tensor(
     data: bytes | bytearray | memoryview, dtype: torch.dtype, shape: list[int], *, as_bool: bool
 ) -> torch.Tensor:
-    """Little-endian row-major bytes -> a tensor owning its memory (one copy)."""
+    """Little-endian row-major bytes -> a tensor.
+
+    A writable, aligned buffer (a slice of the request body the server read
+    into a bytearray) is used in place; anything else is copied once.
+    """
     if math.prod(shape, start=1) != 0:
-        tensor = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        in_place = (
+            not isinstance(data, bytes)
+            and not memoryview(data).readonly
+            and np.frombuffer(data, np.uint8).ctypes.data % itemsize == 0
+        )
+        buffer = data if in_place else bytearray(data)
+        tensor = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
     else:
         tensor = torch.empty(shape, dtype=dtype)
     return tensor != 0 if as_bool else tensor
@@ -377,7 +388,7 @@ def encode_tensor(tensor: torch.Tensor, encoding: Encoding) -> Any:
         return {
             "shape": list(tensor.shape),
             "dtype": dtype_name(tensor.dtype),
-            "b64": base64.b64encode(tensor_bytes(tensor)).decode("ascii"),
+            "b64": pybase64.b64encode(tensor_bytes(tensor)).decode("ascii"),
         }
     if encoding == "flat":
         return {
