@@ -141,7 +141,7 @@ def evaluate_request(
     try:
         device = resolve_device(request.device, settings.device)
         float_dtype = FLOAT_DTYPES[request.dtype]
-        budget = ElementBudget(settings.max_tensor_elements)
+        budget = ElementBudget.for_request(settings)
         tensors = decode_arguments(spec, request, float_dtype, budget, decoded or {})
         options = {name: getattr(request, name) for name in spec.option_names}
         if spec.validate is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import binascii
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import orjson
@@ -27,6 +27,9 @@ import torch
 
 from service.errors import PayloadTooLarge, invalid
 from service.fastjson import NumericArray
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 Role = Literal["float", "index", "any"]
 Encoding = Literal["nested", "flat", "b64"]
@@ -54,11 +57,21 @@ class ElementBudget:
     """Counts the elements of every tensor in one request against a limit,
     before anything of that size is allocated."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_tensor: int | None = None) -> None:
         self.limit = limit
+        self.per_tensor = per_tensor if per_tensor is not None else limit
         self.used = 0
 
+    @classmethod
+    def for_request(cls, settings: Settings) -> ElementBudget:
+        return cls(settings.max_tensor_elements, settings.max_elements_per_tensor)
+
     def take(self, field: str, count: int) -> None:
+        if count > self.per_tensor:
+            raise PayloadTooLarge(
+                f"{field}: {count} elements, more than the limit of {self.per_tensor} per tensor "
+                "(LOSS_SERVICE_MAX_ELEMENTS_PER_TENSOR)"
+            )
         self.used += count
         if self.used > self.limit:
             raise PayloadTooLarge(

@@ -363,3 +363,9 @@ def test_limits() -> None:
         assert too_many.status_code == 413
         assert "more than 10 elements" in too_many.json()["detail"]
         assert small.post(CE, json=GOOD).status_code == 200
+    app = create_app(Settings(device="cpu", max_elements_per_tensor=4))
+    with TestClient(app) as per_tensor:
+        one_big = per_tensor.post(CE, json={"input": [[1.0] * 3] * 2, "target": [0, 1]})
+        assert one_big.status_code == 413
+        assert "input: 6 elements" in one_big.json()["detail"]
+        assert per_tensor.post(CE, json=GOOD).status_code == 200

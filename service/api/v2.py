@@ -653,7 +653,7 @@ def infer(
     start = time.perf_counter()
     body = decompress(body, content_encoding, settings.max_body_bytes)
     header, binary = split_body(body, header_length)
-    budget = ElementBudget(settings.max_tensor_elements)
+    budget = ElementBudget.for_request(settings)
     call = parse_infer(spec, header, binary, budget)
     request = parse_request(spec, request_body(spec, call), ("parameters",))
     decoded = {name: (tensor, True) for name, tensor in call.tensors.items()}
