@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import torch
 from fastapi import FastAPI
@@ -34,6 +36,15 @@ warnings.filterwarnings("ignore", message="reduction: 'mean' divides the total l
 warnings.filterwarnings("ignore", message="Using a target size")
 
 
+# The service has its own Prometheus metrics and request log; FastAPI's native
+# OpenTelemetry hooks (FastAPI >= 0.16x) would only add per-request work.
+NO_NATIVE_TELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or default_settings
     runtime = Runtime(settings)
@@ -50,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        **NO_NATIVE_TELEMETRY,
     )
     app.state.runtime = runtime
     app.state.devices = []

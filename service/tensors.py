@@ -146,7 +146,7 @@ def coerce_role(
     """
     if role == "float":
         if tensor.is_floating_point():
-            return tensor if explicit else tensor.to(float_dtype)
+            return tensor if explicit or tensor.dtype == float_dtype else tensor.to(float_dtype)
         if explicit:
             raise invalid(
                 field,
@@ -317,6 +317,12 @@ def _nested_shape(value: Any, field: str) -> list[int]:
     return shape
 
 
+_NUMPY_CASTS: dict[torch.dtype | None, type[np.generic]] = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+}
+
+
 def _tensor_from_list(
     data: Any, loc: tuple[str, ...], dtype: torch.dtype | None, *, flat: bool
 ) -> torch.Tensor:
@@ -329,7 +335,12 @@ def _tensor_from_list(
     except (TypeError, ValueError, OverflowError):
         array = None  # ragged: torch's path below says where
     if array is not None and array.dtype.kind in "if":
+        if dtype in _NUMPY_CASTS:  # numpy rounds double -> float32 once, as torch does
+            with np.errstate(over="ignore"):  # 1e308 -> inf in float32, as in torch
+                array = array.astype(_NUMPY_CASTS[dtype], copy=False)
+            return torch.from_numpy(array)
         tensor = torch.from_numpy(array)
+        # float16/bfloat16 through torch: it rounds via float32, and so must we
         return tensor.to(dtype) if dtype is not None else tensor
     wire_dtype = dtype
     if dtype is None:
