@@ -52,9 +52,9 @@ def class_indices(
     """Every index in [0, num_classes), or one of the values torch accepts too."""
     if t.numel() == 0:
         return
-    low, high = torch.aminmax(t)
-    if int(low) >= 0 and int(high) < num_classes:
-        return  # the common case, in one pass
+    values = t.numpy()  # checks run on the CPU copy, before the move to a device
+    if values.min() >= 0 and values.max() < num_classes:
+        return  # the common case: two vectorised passes, no per-op torch dispatch
     bad = (t < 0) | (t >= num_classes)
     for value in allowed:
         bad &= t != value
