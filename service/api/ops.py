@@ -8,7 +8,6 @@ from starlette.responses import Response
 
 from service.api.runtime import runtime
 from service.api.v1 import json_response
-from service.compute import available_devices
 
 
 def is_ready(app: FastAPI) -> bool:
@@ -42,7 +41,3 @@ def build_router() -> APIRouter:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return router
-
-
-def probe_devices() -> list[str]:
-    return available_devices()
