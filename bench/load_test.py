@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,14 +28,13 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
 import numpy as np
 import orjson
 
-from bench.load import ROOT, BenchError, Server, client, service, vm_kib
+from bench.load import ROOT, BenchError, Server, client, exit_on_signals, service, vm_kib
 from bench.payloads import Body, Tensors, b64, nested, tensors, v2_binary
 
 RESULTS = ROOT / "bench" / "results" / "load-test-latest.md"
@@ -562,14 +560,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return opts
 
 
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _terminate)
+    exit_on_signals()
     started_at = datetime.now(UTC)
     kinds = mix()
     with tempfile.TemporaryDirectory(prefix="load-test-") as tmp_name:

@@ -13,7 +13,6 @@ import argparse
 import math
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,14 +22,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 
 import httpx
 import numpy as np
 import orjson
 
 from bench import load
-from bench.load import BenchError, Server, WrkResult
+from bench.load import BenchError, Server, WrkResult, exit_on_signals
 from bench.payloads import HEADER_LENGTH, Body, Payloads, Tensors, build
 
 RESULTS = load.ROOT / "bench" / "results"
@@ -569,14 +567,9 @@ def parse_args(argv: list[str] | None) -> Options:
     )
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _terminate)
+    exit_on_signals()
     started_at = datetime.now(UTC)
     begin = time.monotonic()
     started: list[Server] = []
