@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import socket
 import statistics
@@ -268,3 +269,30 @@ def exit_on_signals() -> None:
     """SIGTERM/SIGHUP unwind like Ctrl-C, so every `finally` stops its servers."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
+
+
+# --------------------------------------------------------------------------- report facts
+
+
+def command_output(*command: str) -> str:
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (proc.stdout or proc.stderr).strip()
+
+
+def git_commit() -> str:
+    commit = command_output("git", "rev-parse", "--short", "HEAD")
+    dirty = command_output("git", "status", "--porcelain", "--", "service", "pyproject.toml")
+    return commit + (" + uncommitted changes in service/" if dirty else "")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"

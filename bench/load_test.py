@@ -34,7 +34,17 @@ import httpx
 import numpy as np
 import orjson
 
-from bench.load import ROOT, BenchError, Server, client, exit_on_signals, service, vm_kib
+from bench.load import (
+    ROOT,
+    BenchError,
+    Server,
+    client,
+    cpu_model,
+    exit_on_signals,
+    git_commit,
+    service,
+    vm_kib,
+)
 from bench.payloads import Body, Tensors, b64, nested, tensors, v2_binary
 
 RESULTS = ROOT / "bench" / "results" / "load-test-latest.md"
@@ -403,33 +413,6 @@ def _mib(kib: float) -> str:
     return f"{kib / 1024:.1f} MiB"
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
-    except OSError:
-        return "unknown"
-    commit = out.stdout.strip() or "unknown"
-    return commit + (" (working tree modified)" if dirty.stdout.strip() else "")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def report(res: Result, kinds: list[Kind], started_at: datetime) -> str:
     w = res.wrk
     ok_errors = res.errors == 0
@@ -443,8 +426,8 @@ def report(res: Result, kinds: list[Kind], started_at: datetime) -> str:
     lines = [
         f"# scripts/load-test: {verdict}",
         "",
-        f"{started_at:%Y-%m-%d %H:%M:%S} UTC, commit {_git_commit()}, "
-        f"{os.cpu_count()} CPUs ({_cpu_model()}), Python {platform.python_version()}.",
+        f"{started_at:%Y-%m-%d %H:%M:%S} UTC, commit {git_commit()}, "
+        f"{os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}.",
         "",
         f"`loss-service serve` as shipped (`LOSS_SERVICE_DEVICE=cpu`, one uvicorn worker, "
         f"request log on, to a file) pinned to core 0 on 127.0.0.1; `wrk -t1 "

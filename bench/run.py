@@ -28,7 +28,15 @@ import numpy as np
 import orjson
 
 from bench import load
-from bench.load import BenchError, Server, WrkResult, exit_on_signals
+from bench.load import (
+    BenchError,
+    Server,
+    WrkResult,
+    command_output,
+    cpu_model,
+    exit_on_signals,
+    git_commit,
+)
 from bench.payloads import HEADER_LENGTH, Body, Payloads, Tensors, build
 
 RESULTS = load.ROOT / "bench" / "results"
@@ -304,30 +312,6 @@ def loadavg() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "?"
-
-
-def command_output(*command: str) -> str:
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=load.ROOT)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    return (proc.stdout or proc.stderr).strip()
-
-
-def git_commit() -> str:
-    commit = command_output("git", "rev-parse", "--short", "HEAD")
-    dirty = command_output("git", "status", "--porcelain", "--", "service", "pyproject.toml")
-    return commit + (" + uncommitted changes in service/" if dirty else "")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def fmt_rps(value: float) -> str:
