@@ -342,15 +342,8 @@ def _tensor_from_list(
         tensor = torch.from_numpy(array)
         # float16/bfloat16 through torch: it rounds via float32, and so must we
         return tensor.to(dtype) if dtype is not None else tensor
-    wire_dtype = dtype
-    if dtype is None:
-        try:
-            probe = torch.tensor(data)
-        except (TypeError, ValueError, RuntimeError, OverflowError):
-            probe = None
-        if probe is not None and not probe.is_floating_point() and probe.dtype != torch.bool:
-            return probe
-        wire_dtype = torch.float64  # exact for every integral value that fits int53
+    # Only booleans, strings, ragged rows and out-of-range integers get here.
+    wire_dtype = dtype if dtype is not None else torch.float64  # coerce_role checks indices
     try:
         return torch.tensor(data, dtype=wire_dtype)
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:

@@ -27,6 +27,8 @@ from service.metrics import Metrics
 T = TypeVar("T")
 
 JSON_TYPES = ("application/json", "")
+# Bodies larger than this are read into one preallocated buffer.
+PREALLOCATE_MIN_BYTES = 64 * 1024
 
 
 class Runtime:
@@ -106,44 +108,44 @@ def runtime(request: Request) -> Runtime:
 async def read_body(request: Request, limit: int) -> bytes | bytearray:
     """The whole body, refused with 413 as soon as it is known to exceed ``limit``.
 
-    With a Content-Length the body is read into one buffer of that size (no
-    second copy to join chunks); without one, chunks are joined at the end.
+    A large body with a Content-Length is read into one buffer of that size
+    (no second copy to join chunks); others are joined at the end.
     """
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    declared = int(length) if length is not None and length.isdigit() else None
+    if declared is not None and declared > limit:
         raise PayloadTooLarge(
-            f"request body of {int(length)} bytes exceeds the limit of {limit} bytes "
+            f"request body of {declared} bytes exceeds the limit of {limit} bytes "
             "(LOSS_SERVICE_MAX_BODY_BYTES)"
         )
-    if length is not None and length.isdigit() and int(length) > 65536:
-        return await _read_into(request, int(length))
-    chunks: list[bytes] = []
-    size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(
-                    f"request body exceeds the limit of {limit} bytes (LOSS_SERVICE_MAX_BODY_BYTES)"
-                )
-            chunks.append(chunk)
+        if declared is not None and declared > PREALLOCATE_MIN_BYTES:
+            return await _read_into(request, declared)
+        return await _read_chunks(request, limit)
     except ClientDisconnect:
         raise BadRequest("the client disconnected before sending the whole body") from None
+
+
+async def _read_chunks(request: Request, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"request body exceeds the limit of {limit} bytes (LOSS_SERVICE_MAX_BODY_BYTES)"
+            )
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
 async def _read_into(request: Request, length: int) -> bytearray:
     buffer = bytearray(length)
-    view = memoryview(buffer)
-    size = 0
-    try:
+    with memoryview(buffer) as view:
+        size = 0
         async for chunk in request.stream():
             view[size : size + len(chunk)] = chunk  # the server enforces Content-Length
             size += len(chunk)
-    except ClientDisconnect:
-        raise BadRequest("the client disconnected before sending the whole body") from None
-    finally:
-        view.release()
     return buffer
 
 
