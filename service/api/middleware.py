@@ -53,7 +53,7 @@ class ObservabilityMiddleware:
 
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
-        self.metrics = runtime.metrics
+        self.stats = runtime.metrics.requests
         self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -79,29 +79,26 @@ class ObservabilityMiddleware:
                 state["out"] += len(message.get("body", b""))
             await send(message)
 
-        self.metrics.in_flight.inc()
+        stats = self.stats
+        stats.in_flight += 1
         try:
             await self.app(scope, counting_receive, tagging_send)
         finally:
-            self.metrics.in_flight.dec()
+            stats.in_flight -= 1
             self._record(scope, state, request_id, time.perf_counter() - start)
 
     def _record(
         self, scope: Scope, state: dict[str, Any], request_id: bytes, duration: float
     ) -> None:
         route, loss = _labels(scope)
-        series = self.metrics.series(route, loss, state["status"])
-        series.requests.inc()
-        series.latency.observe(duration)
-        if series.errors is not None:
-            series.errors.inc()
-        m = self.metrics
-        m.body_in.inc(state["in"])
-        m.body_out.inc(state["out"])
+        stats = self.stats
+        stats.record(route, loss, state["status"], duration)
+        stats.body_in += state["in"]
+        stats.body_out += state["out"]
         extra = scope["state"].get("loss_stats") or {}
         if "tensor_bytes_in" in extra:
-            m.tensor_in.inc(extra["tensor_bytes_in"])
-            m.tensor_out.inc(extra["tensor_bytes_out"])
+            stats.tensor_in += extra["tensor_bytes_in"]
+            stats.tensor_out += extra["tensor_bytes_out"]
         access_log = self.runtime.access_log
         if access_log is not None:
             access_log({

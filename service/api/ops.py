@@ -35,8 +35,9 @@ def build_router() -> APIRouter:
         return json_response({"status": "ready", "devices": request.app.state.devices})
 
     @router.get("/metrics", response_class=Response)
-    def metrics(request: Request) -> Response:
+    async def metrics(request: Request) -> Response:
         """Prometheus metrics (text exposition format)."""
+        # async: collected on the event loop, where the request counters change
         registry = runtime(request).metrics.registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
