@@ -53,9 +53,10 @@ class Timings:
             "device": self.device,
         }
 
-    def header(self) -> str:
+    def header(self) -> bytes:
+        """The Server-Timing header value."""
         d, c, e = self.decode * 1000, self.compute * 1000, self.encode * 1000
-        return f"decode;dur={d:.3f}, compute;dur={c:.3f}, encode;dur={e:.3f}"
+        return b"decode;dur=%.3f, compute;dur=%.3f, encode;dur=%.3f" % (d, c, e)
 
 
 @dataclass

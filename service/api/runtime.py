@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 
 from service import fastjson
 from service.config import Settings
@@ -127,16 +128,26 @@ async def read_body(request: Request, limit: int) -> bytes | bytearray:
 
 
 async def _read_chunks(request: Request, limit: int) -> bytes:
+    # straight from the ASGI messages: a small body is one message, returned as is
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    receive = request.receive
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(
                 f"request body exceeds the limit of {limit} bytes (LOSS_SERVICE_MAX_BODY_BYTES)"
             )
+        if not message.get("more_body", False):
+            if not chunks:
+                return chunk
+            chunks.append(chunk)
+            return b"".join(chunks)
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def _read_into(request: Request, length: int) -> bytearray:
@@ -149,8 +160,17 @@ async def _read_into(request: Request, length: int) -> bytearray:
     return buffer
 
 
+def header(request: Request, name: bytes) -> str | None:
+    """One request header (lower-case ``name``), read from the ASGI scope
+    without building starlette's Headers."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
 def require_json(request: Request) -> None:
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media = (header(request, b"content-type") or "").split(";")[0].strip().lower()
     if media not in JSON_TYPES and not media.endswith("+json"):
         raise UnsupportedMediaType(
             f"content type {media!r} is not supported; send application/json"
@@ -160,3 +180,25 @@ def require_json(request: Request) -> None:
 def parse_json(body: bytes | bytearray) -> Any:
     """A JSON body; large numeric arrays come out as flat buffers (service.fastjson)."""
     return fastjson.loads(body)
+
+
+class RawResponse(Response):
+    """A 200 (or ``status``) response with its header list written directly:
+    the compute routes answer every request with one, and starlette's header
+    machinery costs more than the rest of a small response."""
+
+    def __init__(
+        self,
+        content: bytes,
+        media_type: bytes,
+        headers: list[tuple[bytes, bytes]],
+        status: int = 200,
+    ) -> None:
+        self.status_code = status
+        self.background = None
+        self.body = content
+        self.raw_headers = [
+            (b"content-length", b"%d" % len(content)),
+            (b"content-type", media_type),
+            *headers,
+        ]

@@ -12,7 +12,7 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from service.api.problems import problem_body
-from service.api.runtime import parse_json, read_body, require_json, runtime
+from service.api.runtime import RawResponse, parse_json, read_body, require_json, runtime
 from service.compute import Timings, evaluate
 from service.config import Settings
 from service.errors import FieldError, InvalidPayload, ServiceError
@@ -60,10 +60,8 @@ async def serve_loss(request: Request, spec: LossSpec) -> Response:
     rt = runtime(request)
     body = await read_body(request, rt.settings.max_body_bytes)
     content, timings = await rt.run(_evaluate_body, spec, body, rt.settings, body_bytes=len(body))
-    request.state.loss_stats = timings.stats()
-    return Response(
-        content, media_type="application/json", headers={"Server-Timing": timings.header()}
-    )
+    request.scope["state"]["loss_stats"] = timings.stats()
+    return RawResponse(content, b"application/json", [(b"server-timing", timings.header())])
 
 
 def _loss_endpoint(spec: LossSpec) -> Any:
@@ -189,10 +187,8 @@ def build_router() -> APIRouter:
         rt = runtime(request)
         body = await read_body(request, rt.settings.max_body_bytes)
         content, timings = await rt.run(_evaluate_batch, body, rt.settings, body_bytes=len(body))
-        request.state.loss_stats = timings.stats()
-        return Response(
-            content, media_type="application/json", headers={"Server-Timing": timings.header()}
-        )
+        request.scope["state"]["loss_stats"] = timings.stats()
+        return RawResponse(content, b"application/json", [(b"server-timing", timings.header())])
 
     return router
 

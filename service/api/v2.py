@@ -24,7 +24,8 @@ from starlette.responses import Response
 
 from service import __version__
 from service.api.ops import is_ready
-from service.api.runtime import read_body, runtime
+from service.api.runtime import RawResponse, read_body, runtime
+from service.api.runtime import header as request_header
 from service.api.v1 import json_response
 from service.compute import Evaluation, Timings, evaluate_request
 from service.config import Settings
@@ -684,17 +685,17 @@ async def serve_infer(request: Request, spec: LossSpec) -> Response:
         infer,
         spec,
         body,
-        request.headers.get(HEADER_LENGTH),
-        request.headers.get("content-encoding", ""),
+        request_header(request, HEADER_LENGTH.lower().encode()),
+        request_header(request, b"content-encoding") or "",
         rt.settings,
         body_bytes=len(body),
     )
-    request.state.loss_stats = timings.stats()
-    headers = {"Server-Timing": timings.header()}
+    request.scope["state"]["loss_stats"] = timings.stats()
+    headers = [(b"server-timing", timings.header())]
     if length is None:
-        return Response(content, media_type="application/json", headers=headers)
-    headers[HEADER_LENGTH] = str(length)
-    return Response(content, media_type="application/octet-stream", headers=headers)
+        return RawResponse(content, b"application/json", headers)
+    headers.append((HEADER_LENGTH.lower().encode(), b"%d" % length))
+    return RawResponse(content, b"application/octet-stream", headers)
 
 
 def build_router() -> APIRouter:

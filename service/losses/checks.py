@@ -50,11 +50,20 @@ def class_indices(
     field: str, t: torch.Tensor, num_classes: int, *, allowed: tuple[int, ...] = ()
 ) -> None:
     """Every index in [0, num_classes), or one of the values torch accepts too."""
-    if t.numel() == 0:
+    count = t.numel()
+    if count == 0:
         return
-    values = t.numpy()  # checks run on the CPU copy, before the move to a device
-    if values.min() >= 0 and values.max() < num_classes:
-        return  # the common case: two vectorised passes, no per-op torch dispatch
+    # Checks run on the CPU copy, before the move to a device. The common case
+    # (all in range) costs no torch op: Python's min/max over a few indices,
+    # two vectorised numpy passes over many.
+    if count <= 256:
+        values = (t if t.dim() == 1 else t.reshape(-1)).tolist()
+        low, high = min(values), max(values)
+    else:
+        array = t.numpy()
+        low, high = array.min(), array.max()
+    if low >= 0 and high < num_classes:
+        return
     bad = (t < 0) | (t >= num_classes)
     for value in allowed:
         bad &= t != value
