@@ -267,3 +267,16 @@ def test_readme_command_line_examples_are_real(
             assert printed == shown, (line, printed)
     seed = "loss-service compute cross_entropy --input input.json --target target.json\n"
     assert seed + "cross_entropy = 1.3133  (float32, cpu)\n" in commands
+
+
+def test_a_closed_pipe_is_not_an_error() -> None:
+    # loss-service losses | head -1
+    proc = subprocess.Popen(
+        [str(ENTRY_POINT), "losses"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"LOSS")
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0
+    with proc.stderr:
+        assert b"Traceback" not in proc.stderr.read()
