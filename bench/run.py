@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,8 @@ class Results:
     c1: dict[str, WrkResult] = field(default_factory=dict)
     large: dict[tuple[str, str], float] = field(default_factory=dict)
     rss_kib: dict[str, tuple[int, int]] = field(default_factory=dict)  # (idle, peak)
+    # the request without grad, timed in turn with its grad=true twin
+    grad_pairs: dict[tuple[str, str], float] = field(default_factory=dict)
     orjson_loads_s: float = math.nan
     sizes: dict[str, float] = field(default_factory=dict)
     load_before: str = ""
@@ -82,6 +85,7 @@ class Options:
     connections: int
     repeats: int
     naive_repeats: int
+    rounds: int
     write: bool
 
 
@@ -149,50 +153,93 @@ def running(server: Server, started: list[Server]) -> Iterator[Server]:
         server.stop()
 
 
-def small_load(
-    res: Results,
-    row: str,
-    server: Server,
-    path: str,
-    body: Body,
-    scripts: Path,
-    opts: Options,
-    check: Callable[[httpx.Response], None] | None,
-) -> None:
-    url = server.base + path
+@dataclass(frozen=True)
+class Target:
+    """One row's server, path, body and response check, for interleaved runs."""
+
+    row: str
+    server: Server
+    path: str
+    body: Body
+    check: Callable[[httpx.Response], None] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.base + self.path
+
+    @property
+    def what(self) -> str:
+        return f"{self.server.name} {self.body.name}"
+
+
+def small_load(res: Results, targets: list[Target], scripts: Path, opts: Options) -> None:
+    """wrk at c16 and at c1 against each target, in ``opts.rounds`` rounds that
+    take the targets in turn: a slow spell of this shared machine then falls on
+    every row of a ratio, not on one. req/s = all requests / all seconds; c1
+    p50 = the median of the rounds' p50s."""
     with load.client(60) as client:
-        response = load.post(client, url, body, f"{server.name} small")
-        if check is not None:
-            check(response)
-    script = load.wrk_script(body, scripts)
-    what = f"{server.name} {body.name}"
-    res.small[row] = load.wrk(url, script, opts.connections, opts.duration, what + " c16")
-    res.c1[row] = load.wrk(url, script, 1, opts.c1_duration, what + " c1")
-    server.check_alive()
-    print(
-        f"   {body.name}: {res.small[row].rps:,.0f} req/s at c{opts.connections}, "
-        f"c1 p50 {res.c1[row].p50_ms:.3f} ms",
-        flush=True,
-    )
-
-
-def large_time(
-    res: Results,
-    row: str,
-    column: str,
-    server: Server,
-    path: str,
-    body: Body,
-    repeats: int,
-    check: Callable[[httpx.Response], None] | None = None,
-) -> None:
-    with load.client(600) as client:
-        seconds = load.median_seconds(
-            client, server.base + path, body, f"{server.name} {body.name}", repeats, check
+        for t in targets:
+            response = load.post(client, t.url, t.body, f"{t.what} small")
+            if t.check is not None:
+                t.check(response)
+    scripts_for = {t.row: load.wrk_script(t.body, scripts) for t in targets}
+    c16: dict[str, list[WrkResult]] = {t.row: [] for t in targets}
+    c1: dict[str, list[WrkResult]] = {t.row: [] for t in targets}
+    for _ in range(opts.rounds):
+        for t in targets:
+            c16[t.row].append(
+                load.wrk(t.url, scripts_for[t.row], opts.connections,
+                         opts.duration / opts.rounds, t.what + " c16")
+            )  # fmt: skip
+        for t in targets:
+            c1[t.row].append(
+                load.wrk(t.url, scripts_for[t.row], 1, opts.c1_duration / opts.rounds,
+                         t.what + " c1")
+            )  # fmt: skip
+    for t in targets:
+        t.server.check_alive()
+        runs = c16[t.row]
+        res.small[t.row] = WrkResult(
+            sum(r.requests for r in runs),
+            sum(r.seconds for r in runs),
+            statistics.median(r.p50_ms for r in runs),
         )
-    server.check_alive()
-    res.large[(row, column)] = seconds
-    print(f"   {column} ({body.megabytes:.1f} MB): {seconds:.3f} s", flush=True)
+        runs = c1[t.row]
+        res.c1[t.row] = WrkResult(
+            sum(r.requests for r in runs),
+            sum(r.seconds for r in runs),
+            statistics.median(r.p50_ms for r in runs),
+        )
+        print(
+            f"   {t.row[:40]}: {res.small[t.row].rps:,.0f} req/s at c{opts.connections} "
+            f"(rounds: {', '.join(f'{r.rps:,.0f}' for r in c16[t.row])}), "
+            f"c1 p50 {res.c1[t.row].p50_ms:.3f} ms",
+            flush=True,
+        )
+
+
+def large_time(res: Results, column: str, targets: list[Target], repeats: int) -> None:
+    """Median end-to-end seconds per target, after one checked warm-up each; the
+    timed requests take the targets in turn (bare, service, bare, ...)."""
+    times: dict[str, list[float]] = {t.row: [] for t in targets}
+    with load.client(600) as client:
+        for t in targets:
+            response = load.post(client, t.url, t.body, t.what)
+            if t.check is not None:
+                t.check(response)
+        for _ in range(repeats):
+            for t in targets:
+                start = time.perf_counter()
+                load.post(client, t.url, t.body, t.what)
+                times[t.row].append(time.perf_counter() - start)
+    for t in targets:
+        t.server.check_alive()
+        res.large[(t.row, column)] = statistics.median(times[t.row])
+        print(
+            f"   {column} ({t.body.megabytes:.1f} MB), {t.server.name}: "
+            f"{res.large[(t.row, column)]:.4f} s",
+            flush=True,
+        )
 
 
 def peak_rss(
@@ -253,53 +300,62 @@ def measure(opts: Options, work: Path, started: list[Server]) -> Results:
 
     in_process(res, p, work, opts)
 
-    with running(load.uvicorn_app("bare", "bench.apps.bare_asgi:app", logs, "/"), started) as s:
-        small_load(res, BARE, s, CE_PATH, p.small_nested, scripts, opts, None)
-        # Receiving is quick and the denominator of three ratios: more samples.
-        repeats = 2 * opts.repeats + 1
-        large_time(res, BARE, NESTED, s, CE_PATH, p.large_nested, repeats)
-        large_time(res, BARE, B64, s, CE_PATH, p.large_b64, repeats)
-        large_time(res, BARE, BINARY, s, V2_PATH, p.large_v2, repeats)
-
-    floor = load.uvicorn_app("floor", "bench.apps.fastapi_floor:app", logs, "/healthz")
-    with running(floor, started) as s:
-        small_load(res, FLOOR, s, CE_PATH, p.small_nested, scripts, opts, None)
-
+    # The naive app alone (its peak RSS from a fresh process): the baseline.
     naive = load.uvicorn_app("naive", "bench.apps.naive:app", logs, "/healthz")
     with running(naive, started) as s:
         peak_rss(res, NAIVE, s, p, naive_check(large_ref))
-        small_load(res, NAIVE, s, CE_PATH, p.small_nested, scripts, opts, naive_check(small_ref))
-        large_time(res, NAIVE, NESTED, s, CE_PATH, p.large_nested, opts.naive_repeats)
+        small_load(res, [Target(NAIVE, s, CE_PATH, p.small_nested, naive_check(small_ref))],
+                   scripts, opts)  # fmt: skip
+        timed = [Target(NAIVE, s, CE_PATH, p.large_nested)]
+        large_time(res, NESTED, timed, opts.naive_repeats)
 
-    with running(load.service(logs), started) as s:
-        peak_rss(res, V1, s, p, v1_check(large_ref))
-        small_load(res, V1, s, CE_PATH, p.small_nested, scripts, opts, v1_check(small_ref))
-        small_load(res, V2, s, V2_PATH, p.small_v2, scripts, opts, v2_check(small_ref))
+    # The ratios' two sides run side by side (all on the server core, idle but
+    # for the one measured), their measurements interleaved.
+    bare = load.uvicorn_app("bare", "bench.apps.bare_asgi:app", logs, "/")
+    floor = load.uvicorn_app("floor", "bench.apps.fastapi_floor:app", logs, "/healthz")
+    with (
+        running(bare, started) as b,
+        running(floor, started) as f,
+        running(load.service(logs), started) as s,
+    ):
+        peak_rss(res, V1, s, p, v1_check(large_ref))  # first: the service is fresh
+        small_load(
+            res,
+            [
+                Target(FLOOR, f, CE_PATH, p.small_nested),
+                Target(V1, s, CE_PATH, p.small_nested, v1_check(small_ref)),
+                Target(BARE, b, CE_PATH, p.small_nested),
+                Target(V2, s, V2_PATH, p.small_v2, v2_check(small_ref)),
+            ],
+            scripts,
+            opts,
+        )
         shape = p.large.logits.shape
         grad_bytes = p.large.logits.nbytes
-        large_time(res, V1, NESTED, s, CE_PATH, p.large_nested, opts.repeats, v1_check(large_ref))
-        large_time(res, V1, B64, s, CE_PATH, p.large_b64, opts.repeats, v1_check(large_ref))
-        large_time(res, V2, BINARY, s, V2_PATH, p.large_v2, opts.repeats, v2_check(large_ref))
-        large_time(
-            res,
-            V1,
-            NESTED_GRAD,
-            s,
-            CE_PATH,
-            p.large_nested_grad,
-            opts.repeats,
-            v1_check(large_ref, (shape[0], shape[1])),
-        )
-        large_time(
-            res,
-            V2,
-            BINARY_GRAD,
-            s,
-            V2_PATH,
-            p.large_v2_grad,
-            opts.repeats,
-            v2_check(large_ref, grad_bytes),
-        )
+        pairs = [
+            (NESTED, CE_PATH, V1, p.large_nested, v1_check(large_ref)),
+            (B64, CE_PATH, V1, p.large_b64, v1_check(large_ref)),
+            (BINARY, V2_PATH, V2, p.large_v2, v2_check(large_ref)),
+        ]
+        for column, path, row, body, check in pairs:
+            targets = [Target(BARE, b, path, body), Target(row, s, path, body, check)]
+            large_time(res, column, targets, opts.repeats)
+        # grad=true and its request without, in turn
+        grads = [
+            (NESTED, NESTED_GRAD, CE_PATH, V1, p.large_nested, p.large_nested_grad,
+             v1_check(large_ref), v1_check(large_ref, (shape[0], shape[1]))),
+            (BINARY, BINARY_GRAD, V2_PATH, V2, p.large_v2, p.large_v2_grad,
+             v2_check(large_ref), v2_check(large_ref, grad_bytes)),
+        ]  # fmt: skip
+        for plain_col, grad_col, path, row, plain, with_grad, check, grad_check in grads:
+            extra = Results()
+            twins = [
+                Target("plain", s, path, plain, check),
+                Target("grad", s, path, with_grad, grad_check),
+            ]
+            large_time(extra, "pair", twins, opts.repeats)
+            res.large[(row, grad_col)] = extra.large[("grad", "pair")]
+            res.grad_pairs[(row, plain_col)] = extra.large[("plain", "pair")]
     res.load_after = loadavg()
     return res
 
@@ -394,12 +450,12 @@ def ratios(res: Results) -> list[Ratio]:
         ),
         at_most(
             "large grad=true / without: service /v1 nested JSON (grad returned nested)",
-            large(V1, NESTED_GRAD) / large(V1, NESTED),
+            large(V1, NESTED_GRAD) / res.grad_pairs[(V1, NESTED)],
             1.5,
         ),
         at_most(
             "large grad=true / without: service /v2 binary (grad returned binary)",
-            large(V2, BINARY_GRAD) / large(V2, BINARY),
+            large(V2, BINARY_GRAD) / res.grad_pairs[(V2, BINARY)],
             1.5,
         ),
         at_most(
@@ -480,11 +536,16 @@ def report(res: Results, opts: Options, started_at: datetime) -> str:
         f"- method: every server pinned to core {load.SERVER_CORE} (`taskset`), uvicorn, one "
         "worker (the service through `loss-service serve` as shipped, LOSS_SERVICE_DEVICE=cpu; "
         "the comparison apps without access log); wrk and this driver on core 1. "
+        "The bare app, the floor and the service run side by side and are measured in "
+        "turn (wrk rounds, then large requests alternating bare/service), so that a slow "
+        "spell of the shared machine falls on both sides of a ratio; the naive app runs alone. "
         f"Small = cross_entropy input [8,10] f32 + target [8]: wrk -t1 -c{opts.connections} "
-        f"for {opts.duration:g} s (req/s), wrk -t1 -c1 for {opts.c1_duration:g} s (p50). "
+        f"for {opts.duration:g} s (req/s), wrk -t1 -c1 for {opts.c1_duration:g} s (p50), "
+        f"each in {opts.rounds} rounds. "
         f"Large = input [4096,1000] f32 + target [4096] ({sizes}): median end-to-end "
-        f"seconds of {opts.repeats} sequential httpx requests after one warm-up "
-        f"({opts.naive_repeats} for the naive app, {2 * opts.repeats + 1} for the bare app); "
+        f"seconds of {opts.repeats} sequential httpx requests per server after one warm-up "
+        f"({opts.naive_repeats} for the naive app); grad=true is timed in turn with the same "
+        "request without it, and its ratio uses that twin. "
         "v2 asks for binary output. Peak RSS = "
         "VmHWM of a fresh server after its first large nested-JSON request. In-process: "
         "median of repeated calls in one process on core 0 (nested = orjson.loads + "
@@ -531,22 +592,27 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--repeats", type=int, default=5, help="large requests timed (5)")
     parser.add_argument("--naive-repeats", type=int, default=3, help="for the naive app (3)")
     parser.add_argument(
+        "--rounds", type=int, default=2, help="wrk rounds per server, taken in turn (2)"
+    )
+    parser.add_argument(
         "--no-write", action="store_true", help="print only; leave bench/results/ alone"
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: --duration 2 --c1-duration 1 --repeats 1 --naive-repeats 1",
+        help="smoke run: --duration 2 --c1-duration 1 --repeats 1 --naive-repeats 1 --rounds 1",
     )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.c1_duration, args.repeats, args.naive_repeats = 2, 1, 1, 1
+        args.rounds = 1
     return Options(
         args.duration,
         args.c1_duration,
         args.connections,
         args.repeats,
         args.naive_repeats,
+        args.rounds,
         not args.no_write,
     )
 

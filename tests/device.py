@@ -1,5 +1,6 @@
 """The device the parity and gradient suites run on: cpu by default,
-LOSS_SERVICE_TEST_DEVICE=cuda on a GPU machine (scripts/gpu-check)."""
+LOSS_SERVICE_TEST_DEVICE=cuda on a GPU machine. scripts/gpu-check runs its
+own CUDA parity and gradient checks over HTTP (bench/gpu_check.py)."""
 
 from __future__ import annotations
 

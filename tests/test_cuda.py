@@ -1,5 +1,5 @@
 """CUDA paths: run where torch sees a GPU, skipped cleanly elsewhere.
-scripts/gpu-check runs these together with the parity and gradient suites on CUDA."""
+scripts/gpu-check runs these too, beside its own parity, gradient, OOM and speed checks."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Every loss x every reduction x its options: the service's value equals the
 in-process torch.nn.functional call, bit for bit, in each tensor form.
 
-LOSS_SERVICE_TEST_DEVICE=cuda (scripts/gpu-check) runs the same suite on CUDA,
+LOSS_SERVICE_TEST_DEVICE=cuda runs the same suite on CUDA (in-process app),
 against the in-process call on CUDA.
 """
 
