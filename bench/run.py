@@ -183,18 +183,20 @@ def small_load(res: Results, targets: list[Target], scripts: Path, opts: Options
             if t.check is not None:
                 t.check(response)
     scripts_for = {t.row: load.wrk_script(t.body, scripts) for t in targets}
+    # wrk takes whole seconds
+    c16_seconds = max(1, round(opts.duration / opts.rounds))
+    c1_seconds = max(1, round(opts.c1_duration / opts.rounds))
     c16: dict[str, list[WrkResult]] = {t.row: [] for t in targets}
     c1: dict[str, list[WrkResult]] = {t.row: [] for t in targets}
     for _ in range(opts.rounds):
         for t in targets:
             c16[t.row].append(
-                load.wrk(t.url, scripts_for[t.row], opts.connections,
-                         opts.duration / opts.rounds, t.what + " c16")
+                load.wrk(t.url, scripts_for[t.row], opts.connections, c16_seconds,
+                         t.what + " c16")
             )  # fmt: skip
         for t in targets:
             c1[t.row].append(
-                load.wrk(t.url, scripts_for[t.row], 1, opts.c1_duration / opts.rounds,
-                         t.what + " c1")
+                load.wrk(t.url, scripts_for[t.row], 1, c1_seconds, t.what + " c1")
             )  # fmt: skip
     for t in targets:
         t.server.check_alive()
@@ -586,13 +588,13 @@ def write(text: str, started_at: datetime) -> list[Path]:
 
 def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
-    parser.add_argument("--duration", type=float, default=8, help="wrk seconds at c16 (8)")
-    parser.add_argument("--c1-duration", type=float, default=5, help="wrk seconds at c1 (5)")
+    parser.add_argument("--duration", type=float, default=12, help="wrk seconds at c16 (12)")
+    parser.add_argument("--c1-duration", type=float, default=6, help="wrk seconds at c1 (6)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (16)")
     parser.add_argument("--repeats", type=int, default=5, help="large requests timed (5)")
     parser.add_argument("--naive-repeats", type=int, default=3, help="for the naive app (3)")
     parser.add_argument(
-        "--rounds", type=int, default=2, help="wrk rounds per server, taken in turn (2)"
+        "--rounds", type=int, default=6, help="wrk rounds per server, taken in turn (6)"
     )
     parser.add_argument(
         "--no-write", action="store_true", help="print only; leave bench/results/ alone"

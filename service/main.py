@@ -12,6 +12,7 @@ import torch
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp
 
 from service import __version__
 from service.api import ops, problems, v1, v2
@@ -72,27 +73,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.build_router())
     v1.register_models(app)
 
-    # Middleware, innermost first: the compute routes' dispatch; keys are
-    # checked inside CORS (so preflights pass) and inside observability (so
-    # 401s are counted and logged).
-    app.add_middleware(HotPathDispatch)
+    # FastAPI wraps user middleware in its own error, telemetry and body-limit
+    # layers; the service's layers go outside them instead, so the compute
+    # routes skip three layers on every request while every other route still
+    # passes through all of FastAPI's (the dispatch turns any exception of a
+    # compute route into a response itself).
+    fastapi_stack = app.build_middleware_stack
+    app.build_middleware_stack = lambda: service_middleware(  # type: ignore[method-assign]
+        fastapi_stack(), settings, runtime
+    )
+    return app
+
+
+def service_middleware(inner: ASGIApp, settings: Settings, runtime: Runtime) -> ASGIApp:
+    """The service's middleware around FastAPI's stack, innermost first: the
+    compute routes' dispatch; keys are checked inside CORS (so preflights
+    pass) and inside observability (so 401s are counted and logged)."""
+    app: ASGIApp = HotPathDispatch(inner)
     if settings.api_keys:
-        app.add_middleware(
-            APIKeyMiddleware,
+        app = APIKeyMiddleware(
+            app,
             keys=[k.get_secret_value() for k in settings.api_keys],
             metrics_open=not settings.metrics_requires_key,
         )
     if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
+        app = CORSMiddleware(
+            app,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID",
                            "Inference-Header-Content-Length"],
             expose_headers=["X-Request-ID", "Server-Timing", "Inference-Header-Content-Length"],
         )  # fmt: skip
-    app.add_middleware(ObservabilityMiddleware, runtime=runtime)
-    return app
+    return ObservabilityMiddleware(app, runtime=runtime)
 
 
 app = create_app()
