@@ -3,6 +3,7 @@ the same formats for the service's and uvicorn's own log records."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -14,14 +15,37 @@ import orjson
 
 
 class AccessLog:
-    """The per-request line, written with one ``write`` call: no LogRecord,
-    no handler lock, no formatter chain (this runs on every request)."""
+    """The per-request line: no LogRecord, no handler lock, no formatter chain
+    (this runs on every request).
+
+    On the event loop, the lines of the requests that finish in one turn of
+    the loop go out in one ``write``, made as soon as that turn's callbacks
+    have run (``call_soon``): microseconds later, and one system call instead
+    of one per request under load. Elsewhere each line is written at once.
+    """
 
     def __init__(self, fmt: str, write: Callable[[bytes], object] | None = None) -> None:
         self.json = fmt == "json"
-        self.write = write or (lambda line: os.write(sys.stderr.fileno(), line))
+        self.write = write or (lambda data: os.write(sys.stderr.fileno(), data))
         self._second = -1
         self._prefix = ""
+        self._pending: list[bytes] = []
+
+    def flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self.write(data)
+
+    def _emit(self, line: bytes) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.write(line)
+            return
+        if not self._pending:
+            loop.call_soon(self.flush)
+        self._pending.append(line)
 
     def __call__(self, fields: dict[str, Any]) -> None:
         now = time.time()
@@ -36,7 +60,7 @@ class AccessLog:
         else:
             pairs = " ".join(f"{k}={v}" for k, v in fields.items())
             line = f"{ts} INFO loss_service.access request {pairs}".encode()
-        self.write(line + b"\n")
+        self._emit(line + b"\n")
 
 
 class JSONFormatter(logging.Formatter):

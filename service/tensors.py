@@ -81,7 +81,8 @@ class ElementBudget:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    name = DTYPE_NAMES.get(dtype)
+    return name if name is not None else str(dtype).removeprefix("torch.")
 
 
 # --------------------------------------------------------------------------- decode

@@ -3,6 +3,7 @@ move, backpressure (503 + Retry-After), and the per-request log line."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -186,6 +187,23 @@ def test_one_log_line_per_request_without_tensor_contents(fmt: str) -> None:
         assert (
             "request_id=log-test" in text and "status=200" in text and "loss=cross_entropy" in text
         )
+
+
+def test_log_lines_of_one_loop_turn_go_out_in_one_write() -> None:
+    writes: list[bytes] = []
+    log = AccessLog("json", writes.append)
+
+    async def two_requests_finish_in_one_turn() -> None:
+        log({"request_id": "a"})
+        log({"request_id": "b"})
+        assert writes == []  # not yet: after this turn's callbacks
+        await asyncio.sleep(0)
+
+    asyncio.run(two_requests_finish_in_one_turn())
+    assert len(writes) == 1
+    assert [json.loads(line)["request_id"] for line in writes[0].splitlines()] == ["a", "b"]
+    log({"request_id": "c"})  # no loop running: written at once
+    assert len(writes) == 2
 
 
 def test_no_request_log_above_info() -> None:
