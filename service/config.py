@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     metrics_requires_key: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+    malloc_keep_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=0,
+        description="glibc malloc keeps up to this much freed memory for the next request "
+        "(large tensors then reuse pages instead of faulting in fresh ones); 0 keeps glibc's "
+        "defaults",
+    )
     shutdown_drain_seconds: float = Field(
         0.0, ge=0, description="After SIGTERM, seconds /readyz answers 503 before draining"
     )

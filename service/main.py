@@ -18,7 +18,7 @@ from service import __version__
 from service.api import ops, problems, v1, v2
 from service.api.hotpaths import HotPathDispatch
 from service.api.middleware import APIKeyMiddleware, ObservabilityMiddleware
-from service.api.runtime import Runtime
+from service.api.runtime import Runtime, keep_freed_memory
 from service.compute import available_devices
 from service.config import Settings
 from service.config import settings as default_settings
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+        keep_freed_memory(settings.malloc_keep_bytes)
         app.state.devices = available_devices()  # probes CUDA once, at start-up
         yield
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import platform
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -223,3 +226,35 @@ def test_small_requests_are_computed_inline_and_large_ones_in_the_pool() -> None
             assert c.post(CE, json=large).status_code == 503
         finally:
             c.portal.call(runtime.slots.release_on_behalf_of, holder)
+
+
+FAULTS = """
+import resource, sys
+from service.api.runtime import keep_freed_memory
+kept = keep_freed_memory(int(sys.argv[1]))
+
+def faults_of_a_64_mib_buffer() -> int:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buffer = bytearray(64 * 1024 * 1024)
+    buffer[::4096] = b"x" * len(buffer[::4096])
+    del buffer
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults_of_a_64_mib_buffer()
+print(kept, faults_of_a_64_mib_buffer())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_freed_memory_is_kept_for_the_next_large_request() -> None:
+    def second_buffer(keep: int) -> tuple[str, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", FAULTS, str(keep)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        return out[0], int(out[1])
+
+    # a 64 MiB buffer is 16,384 pages: faulted in afresh each time by default,
+    # reused once the service keeps freed memory
+    assert second_buffer(0) == ("False", pytest.approx(16384, rel=0.1))
+    kept, faults = second_buffer(512 * 1024 * 1024)
+    assert kept == "True" and faults < 1000
