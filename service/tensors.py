@@ -406,7 +406,7 @@ def encode_tensor(tensor: torch.Tensor, encoding: Encoding) -> Any:
         return {
             "shape": list(tensor.shape),
             "dtype": dtype_name(tensor.dtype),
-            "b64": pybase64.b64encode(tensor_bytes(tensor)).decode("ascii"),
+            "b64": pybase64.b64encode(tensor_view(tensor)).decode("ascii"),
         }
     if encoding == "flat":
         return {
@@ -425,12 +425,13 @@ def encode_scalar(tensor: torch.Tensor) -> float | int | bool | str:
     return value
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """Little-endian row-major bytes of a CPU tensor."""
+def tensor_view(tensor: torch.Tensor) -> memoryview:
+    """Little-endian row-major bytes of a CPU tensor, without a copy when it is
+    contiguous (the view keeps the tensor's memory alive)."""
     flat = tensor.contiguous().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    return flat.view(torch.uint8).numpy().tobytes()
+    return flat.view(torch.uint8).numpy().data
 
 
 def _jsonable(tensor: torch.Tensor) -> Any:

@@ -193,14 +193,14 @@ class RawResponse(Response):
 
     def __init__(
         self,
-        content: bytes,
+        content: bytes | bytearray,
         media_type: bytes,
         headers: list[tuple[bytes, bytes]],
         status: int = 200,
     ) -> None:
         self.status_code = status
         self.background = None
-        self.body = content
+        self.body = content if isinstance(content, bytes) else memoryview(content)
         self.raw_headers = [
             (b"content-length", b"%d" % len(content)),
             (b"content-type", media_type),

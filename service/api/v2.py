@@ -39,7 +39,7 @@ from service.tensors import (
     coerce_role,
     decode_raw,
     encode_tensor,
-    tensor_bytes,
+    tensor_view,
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -607,8 +607,9 @@ def _output_tensor(name: str, evaluation: Evaluation) -> torch.Tensor:
 
 def encode_outputs(
     spec: LossSpec, call: InferCall, evaluation: Evaluation
-) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary data follows."""
+) -> tuple[bytes | bytearray, int | None]:
+    """The response body, and the JSON header's length when binary data follows.
+    Binary outputs are copied once, from the tensors into the body."""
     if call.outputs is None:
         selected = [OutputRequest("loss", None)] + [
             OutputRequest(f"grad_{n}", None) for n in evaluation.grads
@@ -616,7 +617,7 @@ def encode_outputs(
     else:
         selected = call.outputs
     outputs: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
+    chunks: list[memoryview] = []
     for requested in selected:
         tensor = _output_tensor(requested.name, evaluation).detach().cpu()
         output: dict[str, Any] = {
@@ -626,8 +627,8 @@ def encode_outputs(
         }
         binary = call.binary_output if requested.binary is None else requested.binary
         if binary:
-            raw = tensor_bytes(tensor)
-            output["parameters"] = {"binary_data_size": len(raw)}
+            raw = tensor_view(tensor)
+            output["parameters"] = {"binary_data_size": raw.nbytes}
             chunks.append(raw)
         else:
             output["data"] = encode_tensor(tensor, "flat")["data"]
@@ -639,7 +640,13 @@ def encode_outputs(
     header = orjson.dumps(response)
     if not chunks:
         return header, None
-    return b"".join([header, *chunks]), len(header)
+    body = bytearray(len(header) + sum(c.nbytes for c in chunks))
+    body[: len(header)] = header
+    offset = len(header)
+    for chunk in chunks:
+        body[offset : offset + chunk.nbytes] = chunk
+        offset += chunk.nbytes
+    return body, len(header)
 
 
 def infer(
@@ -648,7 +655,7 @@ def infer(
     header_length: str | None,
     content_encoding: str,
     settings: Settings,
-) -> tuple[bytes, int | None, Timings]:
+) -> tuple[bytes | bytearray, int | None, Timings]:
     """One inference request body -> the response body (runs in the worker pool)."""
     timings = Timings()
     start = time.perf_counter()
