@@ -607,7 +607,7 @@ def _output_tensor(name: str, evaluation: Evaluation) -> torch.Tensor:
 
 def encode_outputs(
     spec: LossSpec, call: InferCall, evaluation: Evaluation
-) -> tuple[bytes | bytearray, int | None]:
+) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary data follows.
     Binary outputs are copied once, from the tensors into the body."""
     if call.outputs is None:
@@ -640,13 +640,7 @@ def encode_outputs(
     header = orjson.dumps(response)
     if not chunks:
         return header, None
-    body = bytearray(len(header) + sum(c.nbytes for c in chunks))
-    body[: len(header)] = header
-    offset = len(header)
-    for chunk in chunks:
-        body[offset : offset + chunk.nbytes] = chunk
-        offset += chunk.nbytes
-    return body, len(header)
+    return b"".join([header, *chunks]), len(header)
 
 
 def infer(
@@ -655,7 +649,7 @@ def infer(
     header_length: str | None,
     content_encoding: str,
     settings: Settings,
-) -> tuple[bytes | bytearray, int | None, Timings]:
+) -> tuple[bytes, int | None, Timings]:
     """One inference request body -> the response body (runs in the worker pool)."""
     timings = Timings()
     start = time.perf_counter()
