@@ -46,7 +46,8 @@ V2_PATH = "/v2/models/cross_entropy/infer"
 
 # Rows of the absolute table and the large-request columns.
 BARE, FLOOR, NAIVE, V1, V2, INPROC = (
-    "bare ASGI app (ceiling; large = receiving the same bytes)",
+    "bare ASGI app (ceiling; large = receiving the same bytes; grad = also returning as many "
+    "bytes as the service's response)",
     "FastAPI route returning a constant (floor)",
     "naive FastAPI, pydantic `list[list[float]]` (baseline)",
     "service /v1 (small: nested JSON)",
@@ -350,13 +351,24 @@ def measure(opts: Options, work: Path, started: list[Server]) -> Results:
              v2_check(large_ref), v2_check(large_ref, grad_bytes)),
         ]  # fmt: skip
         for plain_col, grad_col, path, row, plain, with_grad, check, grad_check in grads:
+            # the transport alone: the bare app receiving the same body and
+            # returning as many bytes as the service's grad response
+            with load.client(600) as client:
+                returned = len(load.post(client, s.base + path, with_grad, "grad size").content)
+            echo = Body(
+                f"{with_grad.name}, {returned / 1e6:.1f} MB back",
+                with_grad.content,
+                {**with_grad.headers, "x-response-bytes": str(returned)},
+            )
             extra = Results()
             twins = [
                 Target("plain", s, path, plain, check),
                 Target("grad", s, path, with_grad, grad_check),
+                Target("bare", b, path, echo),
             ]
             large_time(extra, "pair", twins, opts.repeats)
             res.large[(row, grad_col)] = extra.large[("grad", "pair")]
+            res.large[(BARE, grad_col)] = extra.large[("bare", "pair")]
             res.grad_pairs[(row, plain_col)] = extra.large[("plain", "pair")]
     res.load_after = loadavg()
     return res
@@ -471,6 +483,20 @@ def ratios(res: Results) -> list[Ratio]:
 def speedups(res: Results) -> list[Ratio]:
     return [
         Ratio(
+            "large nested, grad: service / bare app receiving the body and returning as many "
+            "bytes as the service's response",
+            res.large[(V1, NESTED_GRAD)] / res.large[(BARE, NESTED_GRAD)],
+            "",
+            None,
+        ),
+        Ratio(
+            "large binary, grad: service / bare app receiving the body and returning as many "
+            "bytes as the service's response",
+            res.large[(V2, BINARY_GRAD)] / res.large[(BARE, BINARY_GRAD)],
+            "",
+            None,
+        ),
+        Ratio(
             "small req/s: service /v1 / naive (issue: >= 2.5 follows from the floor ratio)",
             res.small[V1].rps / res.small[NAIVE].rps,
             "",
@@ -562,7 +588,7 @@ def report(res: Results, opts: Options, started_at: datetime) -> str:
         "",
         *ratio_table(checks, targets=True),
         "",
-        "## Service vs the naive baseline",
+        "## Context: the service vs the transport alone and vs the naive baseline",
         "",
         *ratio_table(speedups(res), targets=False),
         "",

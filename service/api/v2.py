@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from service import __version__
 from service.api.ops import is_ready
-from service.api.runtime import RawResponse, read_body, runtime
+from service.api.runtime import Body, RawResponse, read_body, runtime
 from service.api.runtime import header as request_header
 from service.api.v1 import json_response
 from service.compute import Evaluation, Timings, evaluate_request
@@ -269,7 +269,7 @@ class InferCall:
     grad_output: torch.Tensor | None = None
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+def split_body(body: Body, header_length: str | None) -> tuple[Body, memoryview]:
     """The JSON header and the binary data after it."""
     if header_length is None:
         return body, memoryview(b"")
@@ -289,7 +289,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     return body[:length], memoryview(body)[length:]
 
 
-def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+def decompress(body: Body, encoding: str, limit: int) -> Body:
     """Undo a request's Content-Encoding (gzip or deflate), never past ``limit`` bytes."""
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
@@ -315,7 +315,7 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
 
 
 def parse_infer(
-    spec: LossSpec, header: bytes, binary: memoryview, budget: ElementBudget
+    spec: LossSpec, header: Body, binary: memoryview, budget: ElementBudget
 ) -> InferCall:
     """The JSON header and the binary data -> decoded tensors, parameters and outputs."""
     try:
@@ -645,7 +645,7 @@ def encode_outputs(
 
 def infer(
     spec: LossSpec,
-    body: bytes,
+    body: Body,
     header_length: str | None,
     content_encoding: str,
     settings: Settings,
@@ -681,12 +681,14 @@ def _model(name: str, version: str) -> LossSpec:
 
 async def serve_infer(request: Request, spec: LossSpec) -> Response:
     rt = runtime(request)
-    body = await read_body(request, rt.settings.max_body_bytes)
+    declared = request_header(request, HEADER_LENGTH.lower().encode())
+    align = int(declared) if declared and declared.isdigit() and len(declared) < 19 else 0
+    body = await read_body(request, rt.settings.max_body_bytes, align=align)
     content, length, timings = await rt.run(
         infer,
         spec,
         body,
-        request_header(request, HEADER_LENGTH.lower().encode()),
+        declared,
         request_header(request, b"content-encoding") or "",
         rt.settings,
         body_bytes=len(body),

@@ -1,0 +1,64 @@
+"""Reading request bodies: large bodies land in one buffer, and with the v2
+binary extension the tensor bytes after the JSON header land 64-byte aligned,
+so that the tensors use them in place."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+from starlette.requests import Request
+
+from service.api.runtime import ALIGNMENT, PREALLOCATE_MIN_BYTES, read_body
+from service.tensors import bytes_to_tensor
+
+
+def request_with(body: bytes, chunk: int = 65536) -> Request:
+    messages = [
+        {"type": "http.request", "body": body[i : i + chunk], "more_body": i + chunk < len(body)}
+        for i in range(0, len(body), chunk)
+    ]
+
+    async def receive() -> dict[str, object]:
+        return messages.pop(0)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "headers": [(b"content-length", str(len(body)).encode())],
+    }
+    return Request(scope, receive)
+
+
+def address(view: memoryview) -> int:
+    return int(np.frombuffer(view, np.uint8).ctypes.data)
+
+
+@pytest.mark.parametrize("header_length", [1, 243, 1000, 4095])
+def test_tensor_bytes_after_the_header_are_aligned_and_used_in_place(header_length: int) -> None:
+    logits = torch.randn(300, 100)
+    body = b"h" * header_length + logits.numpy().tobytes()
+    assert len(body) > PREALLOCATE_MIN_BYTES
+    read = asyncio.run(read_body(request_with(body), 1 << 30, align=header_length))
+    assert bytes(read) == body
+    binary = memoryview(read)[header_length:]
+    assert address(binary) % ALIGNMENT == 0
+    tensor = bytes_to_tensor(binary, torch.float32, [300, 100], as_bool=False)
+    assert torch.equal(tensor, logits)
+    assert tensor.data_ptr() == address(binary)  # no copy
+
+
+def test_without_align_a_large_body_is_one_bytearray() -> None:
+    body = bytes(range(256)) * 1000
+    read = asyncio.run(read_body(request_with(body), 1 << 30))
+    assert isinstance(read, bytearray) and read == body
+    ctypes.addressof((ctypes.c_char * len(read)).from_buffer(read))  # still writable
+
+
+def test_a_small_body_comes_back_as_sent() -> None:
+    read = asyncio.run(read_body(request_with(b'{"a": 1}'), 1 << 30, align=3))
+    assert bytes(read) == b'{"a": 1}'
