@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+import numpy as np
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
@@ -164,18 +165,20 @@ async def _read_chunks(request: Request, limit: int) -> bytes:
 
 
 async def _read_into(request: Request, length: int, align: int) -> bytearray | memoryview:
+    buffer: bytearray | None = None
     if 0 < align < length:
-        buffer = bytearray(length + ALIGNMENT)
-        address = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
-        start = -(address + align) % ALIGNMENT
+        # not zero-filled first: every byte is about to be written
+        raw = np.empty(length + ALIGNMENT, np.uint8)
+        start = -(raw.ctypes.data + align) % ALIGNMENT
+        view = raw.data[start : start + length]
     else:
-        buffer, start = bytearray(length), 0
-    view = memoryview(buffer)[start : start + length]
+        buffer = bytearray(length)
+        view = memoryview(buffer)
     size = 0
     async for chunk in request.stream():
         view[size : size + len(chunk)] = chunk  # the server enforces Content-Length
         size += len(chunk)
-    if align:
+    if buffer is None:
         return view
     view.release()
     return buffer
