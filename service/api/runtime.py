@@ -174,10 +174,19 @@ async def _read_into(request: Request, length: int, align: int) -> bytearray | m
     else:
         buffer = bytearray(length)
         view = memoryview(buffer)
+    # straight from the ASGI messages: this loop's pace is the upload's (the
+    # server stops reading the socket until the app takes the last chunk)
+    receive = request.receive
     size = 0
-    async for chunk in request.stream():
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         view[size : size + len(chunk)] = chunk  # the server enforces Content-Length
         size += len(chunk)
+        more = message.get("more_body", False)
     if buffer is None:
         return view
     view.release()
