@@ -64,6 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # operation ids are the routes' names (cross_entropy, model_infer,
+        # healthz): stable and readable for generated clients
+        generate_unique_id_function=lambda route: route.name,
         **NO_NATIVE_TELEMETRY,
     )
     app.state.runtime = runtime

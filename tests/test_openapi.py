@@ -70,3 +70,19 @@ def test_documented_example_returns_its_documented_result(
     assert response.status_code == 200, response.text
     if documented is not None:
         assert response.json() == documented
+
+
+def test_operation_ids_are_readable_and_stable() -> None:
+    doc = json.loads(EXPORTED.read_text())
+    ids = {
+        (path, method): op["operationId"]
+        for path, item in doc["paths"].items()
+        for method, op in item.items()
+    }
+    assert len(set(ids.values())) == len(ids)
+    for spec in LOSSES.values():
+        assert ids[(f"/v1/losses/{spec.name}", "post")] == spec.name
+    assert ids[("/v2/models/{name}/infer", "post")] == "model_infer"
+    assert ids[("/healthz", "get")] == "healthz"
+    # no method or path suffixes generated from the route
+    assert not [i for i in ids.values() if i.endswith(("_get", "_post")) or "__" in i]

@@ -144,7 +144,7 @@ def build_router() -> APIRouter:
             responses=ERROR_RESPONSES,
             summary=f"{spec.name} ({spec.alias})",
             description=f"{spec.description}\n\nPer-element loss: `{spec.formula}`",
-            operation_id=f"post_{spec.name}",
+            operation_id=spec.name,
             openapi_extra={
                 "requestBody": {
                     "required": True,

@@ -749,7 +749,9 @@ def build_router() -> APIRouter:
     }
     not_found: dict[int | str, dict[str, Any]] = {404: ERROR_RESPONSES[404]}
 
-    @router.get("/models/{name}", response_model=ModelMetadata, responses=not_found)
+    @router.get(
+        "/models/{name}", response_model=ModelMetadata, responses=not_found, name="model_metadata"
+    )
     def model_metadata_route(name: str) -> Response:
         """Model metadata: the loss's inputs and outputs (-1 = variable dimension)."""
         return json_response(model_metadata(resolve(name)))
