@@ -536,7 +536,7 @@ def ratio_table(items: list[Ratio], targets: bool) -> list[str]:
     if targets:
         lines = ["| ratio | measured | target | result |", "|---|---:|---:|---|"]
     else:
-        lines = ["| speedup | measured |", "|---|---:|"]
+        lines = ["| ratio | measured |", "|---|---:|"]
     for r in items:
         if targets:
             verdict = "PASS" if r.ok else "FAIL"
