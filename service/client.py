@@ -55,6 +55,9 @@ import httpx
 import numpy as np
 import torch
 
+from service.dtypes import DTYPE_NAMES as TORCH_DTYPE_NAMES
+from service.dtypes import DTYPES as TORCH_DTYPES
+
 __all__ = [
     "AsyncLossClient",
     "AuthenticationError",
@@ -73,18 +76,7 @@ __all__ = [
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_B64_THRESHOLD = 1024
 
-# The codec's dtype table (contract section 3); bfloat16 has no numpy dtype.
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-TORCH_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+# bfloat16 has no numpy dtype
 NUMPY_DTYPE_NAMES: dict[np.dtype[Any], str] = {
     np.dtype(name): name for name in TORCH_DTYPES if name != "bfloat16"
 }

@@ -12,9 +12,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model
 
+from service.dtypes import DTYPES
 from service.errors import FieldError, InvalidPayload
 from service.losses import LOSSES, LossSpec
-from service.tensors import DTYPES, FLOAT_DTYPES
+from service.tensors import FLOAT_DTYPES
 
 _NUMBER_OR_NONFINITE: dict[str, Any] = {
     "anyOf": [{"type": "number"}, {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}]

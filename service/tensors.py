@@ -25,6 +25,7 @@ import orjson
 import pybase64
 import torch
 
+from service.dtypes import DTYPE_NAMES, DTYPES
 from service.errors import PayloadTooLarge, invalid
 from service.fastjson import NumericArray
 
@@ -34,17 +35,6 @@ if TYPE_CHECKING:
 Role = Literal["float", "index", "any"]
 Encoding = Literal["nested", "flat", "b64"]
 
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES: dict[str, torch.dtype] = {k: v for k, v in DTYPES.items() if v.is_floating_point}
 INTEGER_DTYPES = frozenset({torch.int64, torch.int32, torch.uint8})
 
