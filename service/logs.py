@@ -3,7 +3,6 @@ the same formats for the service's and uvicorn's own log records."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -16,51 +15,36 @@ import orjson
 
 class AccessLog:
     """The per-request line: no LogRecord, no handler lock, no formatter chain
-    (this runs on every request).
-
-    On the event loop, the lines of the requests that finish in one turn of
-    the loop go out in one ``write``, made as soon as that turn's callbacks
-    have run (``call_soon``): microseconds later, and one system call instead
-    of one per request under load. Elsewhere each line is written at once.
-    """
+    (this runs for every request). ``line`` formats one; ``write`` takes any
+    number of lines at once (the request middleware writes a batch)."""
 
     def __init__(self, fmt: str, write: Callable[[bytes], object] | None = None) -> None:
         self.json = fmt == "json"
-        self.write = write or (lambda data: os.write(sys.stderr.fileno(), data))
+        self.write = write or _write_stderr
         self._second = -1
         self._prefix = ""
-        self._pending: list[bytes] = []
 
-    def flush(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            self.write(data)
-
-    def _emit(self, line: bytes) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.write(line)
-            return
-        if not self._pending:
-            loop.call_soon(self.flush)
-        self._pending.append(line)
-
-    def __call__(self, fields: dict[str, Any]) -> None:
-        now = time.time()
+    def line(self, fields: dict[str, Any], now: float) -> bytes:
+        """One line for a request that finished at ``now`` (time.time())."""
         second = int(now)
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         ts = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
         if self.json:
-            line = orjson.dumps({"ts": ts, "level": "info", "logger": "loss_service.access",
-                                 "msg": "request", **fields})  # fmt: skip
-        else:
-            pairs = " ".join(f"{k}={v}" for k, v in fields.items())
-            line = f"{ts} INFO loss_service.access request {pairs}".encode()
-        self._emit(line + b"\n")
+            return orjson.dumps({"ts": ts, "level": "info", "logger": "loss_service.access",
+                                 "msg": "request", **fields}) + b"\n"  # fmt: skip
+        pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+        return f"{ts} INFO loss_service.access request {pairs}\n".encode()
+
+    def __call__(self, fields: dict[str, Any]) -> None:
+        self.write(self.line(fields, time.time()))
+
+
+def _write_stderr(data: bytes) -> None:
+    with memoryview(data) as rest:
+        while rest:  # a pipe may take a large batch in parts
+            rest = rest[os.write(sys.stderr.fileno(), rest) :]
 
 
 class JSONFormatter(logging.Formatter):

@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keep_freed_memory(settings.malloc_keep_bytes)
         app.state.devices = available_devices()  # probes CUDA once, at start-up
         yield
+        runtime.flush()  # the last requests' metrics and log lines
 
     app = FastAPIOffline(
         title="loss-service",

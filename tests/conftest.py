@@ -25,8 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def client() -> Iterator[TestClient]:
-    """The app in-process, over httpx (no sockets)."""
-    with TestClient(create_app(Settings(device="cpu")), raise_server_exceptions=False) as c:
+    """The app in-process, over httpx (no sockets). Without the request log: its
+    lines are written in batches from the client's event-loop thread, between
+    tests' output captures (test_operations checks the log)."""
+    app = create_app(Settings(device="cpu", log_level="warning"))
+    with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 
 

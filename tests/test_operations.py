@@ -11,9 +11,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from service.api import middleware
 from service.config import Settings
 from service.logs import AccessLog
 from service.main import create_app
@@ -192,21 +194,28 @@ def test_one_log_line_per_request_without_tensor_contents(fmt: str) -> None:
         )
 
 
-def test_log_lines_of_one_loop_turn_go_out_in_one_write() -> None:
+def test_finished_requests_are_recorded_in_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(middleware, "RECORD_DELAY", 0.5)  # room for a slow machine
     writes: list[bytes] = []
-    log = AccessLog("json", writes.append)
+    app = create_app(Settings(log_format="json"))
+    app.state.runtime.access_log = AccessLog("json", writes.append)
 
-    async def two_requests_finish_in_one_turn() -> None:
-        log({"request_id": "a"})
-        log({"request_id": "b"})
-        assert writes == []  # not yet: after this turn's callbacks
-        await asyncio.sleep(0)
+    async def two_requests() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for request_id in ("a", "b"):
+                response = await client.post(CE, json=GOOD, headers={"X-Request-ID": request_id})
+                assert response.status_code == 200
+            assert writes == []  # not recorded yet
+            await asyncio.sleep(0.8)
+            assert len(writes) == 1  # both lines in one write
+            writes.clear()
+            await client.post(CE, json=GOOD, headers={"X-Request-ID": "c"})
+            metrics = (await client.get("/metrics")).text  # a scrape records first
+            assert 'loss_service_requests_total{loss="cross_entropy"' in metrics
+            assert len(writes) == 1 and b'"request_id":"c"' in writes[0]
 
-    asyncio.run(two_requests_finish_in_one_turn())
-    assert len(writes) == 1
-    assert [json.loads(line)["request_id"] for line in writes[0].splitlines()] == ["a", "b"]
-    log({"request_id": "c"})  # no loop running: written at once
-    assert len(writes) == 2
+    asyncio.run(two_requests())
 
 
 def test_no_request_log_above_info() -> None:

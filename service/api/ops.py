@@ -38,7 +38,9 @@ def build_router() -> APIRouter:
     async def metrics(request: Request) -> Response:
         """Prometheus metrics (text exposition format)."""
         # async: collected on the event loop, where the request counters change
-        registry = runtime(request).metrics.registry
+        rt = runtime(request)
+        rt.flush()  # the requests finished so far, not yet recorded
+        registry = rt.metrics.registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -55,6 +55,12 @@ class Runtime:
         self.draining = False
         verbose = settings.log_level in ("debug", "info")
         self.access_log = AccessLog(settings.log_format) if verbose else None
+        # record what finished requests left for the metrics and the log
+        self.flushers: list[Callable[[], None]] = []
+
+    def flush(self) -> None:
+        for flush in self.flushers:
+            flush()
 
     async def run(self, func: Callable[..., T], *args: Any, body_bytes: int) -> T:
         """Run ``func`` in a worker thread once a computation slot is free.
