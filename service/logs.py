@@ -37,9 +37,6 @@ class AccessLog:
         pairs = " ".join(f"{k}={v}" for k, v in fields.items())
         return f"{ts} INFO loss_service.access request {pairs}\n".encode()
 
-    def __call__(self, fields: dict[str, Any]) -> None:
-        self.write(self.line(fields, time.time()))
-
 
 def _write_stderr(data: bytes) -> None:
     with memoryview(data) as rest:

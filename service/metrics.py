@@ -71,13 +71,12 @@ class Metrics:
 class Series:
     """One (route, loss, status): its request count and latency histogram."""
 
-    __slots__ = ("buckets", "count", "created", "error", "sum")
+    __slots__ = ("buckets", "count", "created", "sum")
 
-    def __init__(self, error: bool) -> None:
+    def __init__(self) -> None:
         self.count = 0
         self.sum = 0.0
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
-        self.error = error
         self.created = time.time()
 
     def observe(self, seconds: float) -> None:
@@ -108,7 +107,7 @@ class RequestStats(Collector):
         key = (route, loss, status)
         series = self.series.get(key)
         if series is None:
-            series = self.series[key] = Series(status >= 400)
+            series = self.series[key] = Series()
         series.observe(seconds)
 
     def collect(self) -> Iterator[Metric]:
@@ -130,7 +129,7 @@ class RequestStats(Collector):
         for (route, loss, status), series in sorted(self.series.items()):
             values = [route, loss, str(status)]
             requests.add_metric(values, series.count, created=series.created)
-            if series.error:
+            if status >= 400:
                 errors.add_metric(values, series.count, created=series.created)
             by_route.setdefault((route, loss), []).append(series)
         for (route, loss), group in by_route.items():
@@ -141,21 +140,25 @@ class RequestStats(Collector):
                 list(zip(BUCKET_LABELS, cumulative, strict=True)),
                 sum(s.sum for s in group),
             )
-        tensor = CounterMetricFamily(
+        tensor = self._in_out(
             "loss_service_tensor_bytes",
             "Bytes of tensors decoded (in) and returned (out)",
-            labels=["direction"],
+            self.tensor_in,
+            self.tensor_out,
         )
-        tensor.add_metric(["in"], self.tensor_in, created=self.created)
-        tensor.add_metric(["out"], self.tensor_out, created=self.created)
-        body = CounterMetricFamily(
+        body = self._in_out(
             "loss_service_body_bytes",
             "HTTP body bytes received (in) and sent (out)",
-            labels=["direction"],
+            self.body_in,
+            self.body_out,
         )
-        body.add_metric(["in"], self.body_in, created=self.created)
-        body.add_metric(["out"], self.body_out, created=self.created)
         in_flight = GaugeMetricFamily(
             "loss_service_in_flight_requests", "Requests being served", value=self.in_flight
         )
         yield from (requests, errors, latency, tensor, body, in_flight)
+
+    def _in_out(self, name: str, documentation: str, in_: int, out: int) -> Metric:
+        family = CounterMetricFamily(name, documentation, labels=["direction"])
+        family.add_metric(["in"], in_, created=self.created)
+        family.add_metric(["out"], out, created=self.created)
+        return family

@@ -13,7 +13,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.problems import problem_body
-from service.api.runtime import Runtime
+from service.api.runtime import Runtime, scope_header
 from service.errors import Unauthorized
 from service.logs import AccessLog
 from service.losses.registry import LOSSES, canonical_name
@@ -25,15 +25,8 @@ OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/stati
               "/v2/health/")  # fmt: skip
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
-
-
 def _request_id(scope: Scope) -> bytes:
-    given = _header(scope, REQUEST_ID)
+    given = scope_header(scope, REQUEST_ID)
     if given and len(given) <= 200 and given.isascii() and given.decode().isprintable():
         return given
     return os.urandom(16).hex().encode()
@@ -158,9 +151,9 @@ class APIKeyMiddleware:
         self.open = OPEN_PATHS + (("/metrics",) if metrics_open else ())
 
     def authorized(self, scope: Scope) -> bool:
-        candidate = _header(scope, b"x-api-key")
+        candidate = scope_header(scope, b"x-api-key")
         if candidate is None:
-            auth = _header(scope, b"authorization") or b""
+            auth = scope_header(scope, b"authorization") or b""
             scheme, _, token = auth.partition(b" ")
             candidate = token.strip() if scheme.lower() == b"bearer" else b""
         # compare with every key, in constant time per key

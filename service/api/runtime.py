@@ -15,6 +15,7 @@ import anyio.to_thread
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope
 
 from service import fastjson
 from service.config import Settings
@@ -147,22 +148,27 @@ async def read_body(request: Request, limit: int, *, align: int = 0) -> Body:
         raise BadRequest("the client disconnected before sending the whole body") from None
 
 
+async def _next_chunk(receive: Receive) -> tuple[bytes, bool]:
+    """The next piece of the body straight from the ASGI messages (no starlette
+    stream generator per chunk), and whether more follows."""
+    message = await receive()
+    if message["type"] != "http.request":
+        raise ClientDisconnect()
+    return message.get("body", b""), message.get("more_body", False)
+
+
 async def _read_chunks(request: Request, limit: int) -> bytes:
-    # straight from the ASGI messages: a small body is one message, returned as is
+    # a small body is one message, returned as is
     chunks: list[bytes] = []
     size = 0
-    receive = request.receive
     while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise ClientDisconnect()
-        chunk: bytes = message.get("body", b"")
+        chunk, more = await _next_chunk(request.receive)
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(
                 f"request body exceeds the limit of {limit} bytes (LOSS_SERVICE_MAX_BODY_BYTES)"
             )
-        if not message.get("more_body", False):
+        if not more:
             if not chunks:
                 return chunk
             chunks.append(chunk)
@@ -180,32 +186,32 @@ async def _read_into(request: Request, length: int, align: int) -> bytearray | m
     else:
         buffer = bytearray(length)
         view = memoryview(buffer)
-    # straight from the ASGI messages: this loop's pace is the upload's (the
-    # server stops reading the socket until the app takes the last chunk)
-    receive = request.receive
+    # this loop's pace is the upload's (the server stops reading the socket
+    # until the app takes the last chunk)
     size = 0
     more = True
     while more:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
+        chunk, more = await _next_chunk(request.receive)
         view[size : size + len(chunk)] = chunk  # the server enforces Content-Length
         size += len(chunk)
-        more = message.get("more_body", False)
     if buffer is None:
         return view
     view.release()
     return buffer
 
 
-def header(request: Request, name: bytes) -> str | None:
+def scope_header(scope: Scope, name: bytes) -> bytes | None:
     """One request header (lower-case ``name``), read from the ASGI scope
     without building starlette's Headers."""
-    for key, value in request.scope["headers"]:
+    for key, value in scope["headers"]:
         if key == name:
-            return bytes(value).decode("latin-1")
+            return bytes(value)
     return None
+
+
+def header(request: Request, name: bytes) -> str | None:
+    value = scope_header(request.scope, name)
+    return value.decode("latin-1") if value is not None else None
 
 
 def require_json(request: Request) -> None:
