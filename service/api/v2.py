@@ -43,6 +43,7 @@ from service.tensors import (
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # as in ASGI headers
 MODEL_VERSION = "1"
 EXTENSIONS = ["binary_tensor_data", "parameters"]
 
@@ -681,7 +682,7 @@ def _model(name: str, version: str) -> LossSpec:
 
 async def serve_infer(request: Request, spec: LossSpec) -> Response:
     rt = runtime(request)
-    declared = request_header(request, HEADER_LENGTH.lower().encode())
+    declared = request_header(request, HEADER_LENGTH_KEY)
     align = int(declared) if declared and declared.isdigit() and len(declared) < 19 else 0
     body = await read_body(request, rt.settings.max_body_bytes, align=align)
     content, length, timings = await rt.run(
@@ -697,7 +698,7 @@ async def serve_infer(request: Request, spec: LossSpec) -> Response:
     headers = [(b"server-timing", timings.header())]
     if length is None:
         return RawResponse(content, b"application/json", headers)
-    headers.append((HEADER_LENGTH.lower().encode(), b"%d" % length))
+    headers.append((HEADER_LENGTH_KEY, b"%d" % length))
     return RawResponse(content, b"application/octet-stream", headers)
 
 
