@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from service.losses import checks
+from service.losses import cost as costs
+from service.losses.cost import Temps, elementwise, weighted, when
 from service.losses.registry import LossSpec, Option, TensorArg, register
 
 DOCS = "https://pytorch.org/docs/stable/generated/torch.nn.functional.{}.html"
@@ -98,6 +100,7 @@ register(
             isinstance(t.get("target"), torch.Tensor)
             and checks.tensor(t, "target").is_floating_point()
         ),
+        cost=costs.cross_entropy,
     )
 )
 
@@ -116,6 +119,7 @@ register(
         description=_doc("nll_loss", "Negative log likelihood of log-probabilities."),
         example={"input": [[3, 1], [2, 4]], "target": [0, 1]},
         validate=checks.class_target,
+        cost=costs.nll_loss,
     )
 )
 
@@ -142,6 +146,7 @@ register(
         ),
         example={"input": [0.4, 0.1], "target": [0.2, 0.8]},
         validate=checks.binary_cross_entropy,
+        cost=elementwise("input", "target", "weight", temps=Temps(1, 3, 2)),
     )
 )
 
@@ -176,6 +181,17 @@ register(
         ),
         example={"input": [0.4, 0.1], "target": [0.2, 0.8]},
         validate=checks.same_shape("target"),
+        cost=elementwise(
+            "input",
+            "target",
+            "weight",
+            "pos_weight",
+            temps=when(
+                lambda shapes, options: "weight" in shapes or "pos_weight" in shapes,
+                Temps(2, 6, 4, per_grad=2),
+                Temps(2, 4, 3, per_grad=2),
+            ),
+        ),
     )
 )
 
@@ -202,6 +218,7 @@ register(
             "target": [0.1, 0.2, 0.7],
             "reduction": "sum",
         },
+        cost=elementwise("input", "target", temps=Temps(3, 8, 6)),
     )
 )
 
@@ -215,6 +232,9 @@ register(
         formula="l_n = w_n |x_n - y_n|",
         description=_doc("l1_loss", "Mean absolute error."),
         example={"input": [[3, 1], [1, 0]], "target": [[1, 0], [1, 0]]},
+        cost=elementwise(
+            "input", "target", "weight", temps=weighted(Temps(2, 5, 4), Temps(2, 6, 4))
+        ),
     )
 )
 
@@ -228,6 +248,9 @@ register(
         formula="l_n = w_n (x_n - y_n)^2",
         description=_doc("mse_loss", "Mean squared error."),
         example={"input": [[3, 1], [1, 0]], "target": [[1, 0], [1, 0]]},
+        cost=elementwise(
+            "input", "target", "weight", temps=weighted(Temps(1, 3, 1), Temps(2, 7, 5))
+        ),
     )
 )
 
@@ -241,6 +264,15 @@ register(
         formula="l_n = 0.5 (x_n - y_n)^2 / beta if |x_n - y_n| < beta else |x_n - y_n| - 0.5 beta",
         description=_doc("smooth_l1_loss", "L1 loss with a quadratic zone around zero."),
         example={"input": [0.5, 2.0, -1.0], "target": [0, 0, 0]},
+        cost=elementwise(
+            "input",
+            "target",
+            temps=when(
+                lambda shapes, options: options.get("beta", 1.0) == 0.0,
+                Temps(2, 5, 4),  # l1_loss
+                Temps(1, 3, 1),
+            ),
+        ),
     )
 )
 
@@ -255,6 +287,9 @@ register(
         "else delta (|x_n - y_n| - 0.5 delta)",
         description=_doc("huber_loss", "Huber loss."),
         example={"input": [0.5, 2.0, -1.0], "target": [0, 0, 0], "delta": 0.5},
+        cost=elementwise(
+            "input", "target", "weight", temps=weighted(Temps(1, 3, 1), Temps(2, 4, 3))
+        ),
     )
 )
 
@@ -268,6 +303,7 @@ register(
         formula="l_n = log(1 + exp(-y_n x_n))",
         description=_doc("soft_margin_loss", "Two-class logistic loss with labels in {1, -1}."),
         example={"input": [0.3, -1.2, 2.0], "target": [1, -1, -1]},
+        cost=elementwise("input", "target", temps=Temps(1, 5, 4)),
     )
 )
 
@@ -287,6 +323,13 @@ register(
             "multilabel_soft_margin_loss", "Multi-label one-versus-all logistic loss."
         ),
         example={"input": [[0.2, -1.0, 1.5]], "target": [[1, 0, 1]]},
+        cost=elementwise(
+            "input",
+            "target",
+            "weight",
+            temps=Temps((5, 1), (7, 1), (7, 1), per_grad=(2, 1)),
+            summed=lambda shapes: len(shapes["input"]) - 1,
+        ),
     )
 )
 
@@ -308,6 +351,7 @@ register(
         ),
         example={"input": [[0.1, 0.2, 0.4, 0.8]], "target": [[3, 0, -1, 1]]},
         validate=checks.multilabel_margin,
+        cost=costs.multilabel_margin_loss,
     )
 )
 
@@ -329,6 +373,7 @@ register(
         description=_doc("multi_margin_loss", "Multi-class hinge loss."),
         example={"input": [[0.1, 0.2, 0.4, 0.8]], "target": [3]},
         validate=checks.multi_margin,
+        cost=costs.multi_margin_loss,
     )
 )
 
@@ -348,6 +393,7 @@ register(
             "Hinge loss on distances for similar (1) and dissimilar (-1) pairs.",
         ),
         example={"input": [0.3, 1.5, -0.2], "target": [1, -1, 1]},
+        cost=elementwise("input", "target", temps=Temps(6, 7, 7)),
     )
 )
 
@@ -369,6 +415,7 @@ register(
             "Cosine similarity loss for similar (1) and dissimilar (-1) pairs.",
         ),
         example={"input1": [[1, 0], [0, 1]], "input2": [[1, 1], [1, 0]], "target": [1, -1]},
+        cost=costs.cosine_embedding_loss,
     )
 )
 
@@ -386,6 +433,7 @@ register(
         formula="l_n = max(0, -y_n (x1_n - x2_n) + margin)",
         description=_doc("margin_ranking_loss", "Ranking hinge loss for pairs."),
         example={"input1": [0.5, 0.2], "input2": [0.1, 0.9], "target": [1, 1]},
+        cost=elementwise("input1", "input2", "target", temps=Temps(4, 6, 5)),
     )
 )
 
@@ -414,6 +462,7 @@ register(
             "positive": [[0.1, 0], [1, 0.9]],
             "negative": [[1, 0], [0, 0]],
         },
+        cost=costs.triplet_margin_loss,
     )
 )
 
@@ -459,6 +508,7 @@ register(
             "distance_function": "cosine_distance",
         },
         torch_options=_distance_function,
+        cost=costs.triplet_margin_with_distance_loss,
     )
 )
 
@@ -479,6 +529,7 @@ register(
         formula="l_n = exp(x_n) - y_n x_n (log_input); x_n - y_n log(x_n + eps) otherwise",
         description=_doc("poisson_nll_loss", "Negative log likelihood of a Poisson target."),
         example={"input": [0.5, 1.0, -0.3], "target": [1, 2, 0]},
+        cost=costs.poisson_nll_loss,
     )
 )
 
@@ -506,6 +557,7 @@ register(
         formula="l_n = 0.5 (log(max(var_n, eps)) + (x_n - y_n)^2 / max(var_n, eps))",
         description=_doc("gaussian_nll_loss", "Negative log likelihood of a Gaussian target."),
         example={"input": [1.0, 2.0], "target": [1.5, 1.0], "var": [0.5, 1.0]},
+        cost=costs.gaussian_nll_loss,
     )
 )
 
@@ -548,5 +600,6 @@ register(
         ),
         example=_ctc_example(),
         validate=checks.ctc,
+        cost=costs.ctc_loss,
     )
 )

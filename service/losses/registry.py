@@ -3,6 +3,15 @@
 Routes, request models, the catalog, the OpenAPI examples and the tests are
 all generated from ``LOSSES``; adding a loss is one ``register(LossSpec(...))``
 in ``service/losses/catalog.py``.
+
+Each spec carries its ``cost`` (``service.losses.cost``): what the call will
+hold and do, predicted from the decoded shapes and options before torch runs.
+The request limits only count what a client sends, while one small request
+can make torch broadcast, unreduce or tabulate billions of elements; the cost
+is what the work limit and the memory budget are checked against, so an
+out-of-memory is refused up front as a 413 or queued as a 503 instead of
+taking the process down. It is required, so that no loss can be registered
+without saying what it costs.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from service.errors import UnknownLoss
+from service.losses.cost import CostFn
 
 ArgRole = Literal["float", "index", "class_target", "float_or_number"]
 Tensors = dict[str, torch.Tensor | float]
@@ -64,6 +74,7 @@ class LossSpec:
     formula: str
     description: str
     example: dict[str, Any]
+    cost: CostFn
     reductions: tuple[str, ...] = REDUCTIONS
     validate: Validator | None = None
     # Arguments that are differentiable only for some inputs (cross_entropy's
