@@ -33,8 +33,12 @@ MAX_WORK = 2**27
 # OVERHEAD_ELEMENTS), no more.
 FACTOR = 4
 
+Shapes = dict[str, tuple[int, ...]]
+# A loss, the shapes of its tensors, its options and the gradients asked for.
+Request = tuple[LossSpec, Shapes, dict[str, Any], list[str]]
 
-def shapes_of(tensors: dict[str, torch.Tensor | float]) -> dict[str, tuple[int, ...]]:
+
+def shapes_of(tensors: dict[str, torch.Tensor | float]) -> Shapes:
     return {n: tuple(t.shape) for n, t in tensors.items() if isinstance(t, torch.Tensor)}
 
 
@@ -43,7 +47,7 @@ def options_of(spec: LossSpec, options: dict[str, Any], reduction: str) -> dict[
     return {**{o.name: o.default for o in spec.options}, **options, "reduction": reduction}
 
 
-def held(spec: LossSpec, shapes: dict[str, tuple[int, ...]]) -> int:
+def held(spec: LossSpec, shapes: Shapes) -> int:
     return sum(
         math.prod(s) * (INDEX_UNITS if spec.arg(n).role == "index" else 1)
         for n, s in shapes.items()
@@ -89,7 +93,7 @@ def test_value_elements_are_the_output_size(case: Case) -> None:
 # --------------------------------------------------------------------------- the limit
 
 
-def ctc_shapes(t: int, n: int, c: int, targets: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+def ctc_shapes(t: int, n: int, c: int, targets: tuple[int, ...]) -> Shapes:
     return {
         "log_probs": (t, n, c),
         "targets": targets,
@@ -100,7 +104,7 @@ def ctc_shapes(t: int, n: int, c: int, targets: tuple[int, ...]) -> dict[str, tu
 
 # Requests within the request limits (at most 2**26 elements sent) that would
 # make torch hold or do far more.
-ATTACKS: list[tuple[str, dict[str, tuple[int, ...]], dict[str, Any], list[str]]] = [
+ATTACKS: list[tuple[str, Shapes, dict[str, Any], list[str]]] = [
     ("mse_loss", {"input": (40000, 1), "target": (1, 40000)}, {}, []),
     ("mse_loss", {"input": (10000, 1), "target": (1, 10000)}, {"reduction": "none"}, []),
     ("mse_loss", {"input": (2**25,), "target": (2**25,)}, {"reduction": "none"}, ["input"]),
@@ -158,7 +162,7 @@ ATTACKS: list[tuple[str, dict[str, tuple[int, ...]], dict[str, Any], list[str]]]
 
 @pytest.mark.parametrize("loss, shapes, options, grad", ATTACKS, ids=[a[0] for a in ATTACKS])
 def test_attacks_exceed_the_work_limit(
-    loss: str, shapes: dict[str, tuple[int, ...]], options: dict[str, Any], grad: list[str]
+    loss: str, shapes: Shapes, options: dict[str, Any], grad: list[str]
 ) -> None:
     spec = LOSSES[loss]
     assert sum(math.prod(s) for s in shapes.values()) <= 2**26  # within the request limits
@@ -166,9 +170,7 @@ def test_attacks_exceed_the_work_limit(
     assert cost.work_elements > MAX_WORK, cost
 
 
-def ordinary_requests() -> list[
-    tuple[LossSpec, dict[str, tuple[int, ...]], dict[str, Any], list[str]]
-]:
+def ordinary_requests() -> list[Request]:
     """The README's examples and the test cases."""
     requests = []
     for m in EXAMPLE.finditer(README):
@@ -199,9 +201,7 @@ DIMS = st.sampled_from([0, 1, 2, 3, 7, 40000, 2**31, 2**62])
 
 
 @st.composite
-def calls(
-    draw: st.DrawFn,
-) -> tuple[LossSpec, dict[str, tuple[int, ...]], dict[str, Any], list[str]]:
+def calls(draw: st.DrawFn) -> Request:
     spec = draw(st.sampled_from(list(LOSSES.values())))
     shapes = {
         a.name: tuple(draw(st.lists(DIMS, max_size=5)))
@@ -218,9 +218,7 @@ def calls(
 
 @settings(max_examples=300, deadline=None)
 @given(calls())
-def test_any_shapes_are_predicted_without_raising(
-    call: tuple[LossSpec, dict[str, tuple[int, ...]], dict[str, Any], list[str]],
-) -> None:
+def test_any_shapes_are_predicted_without_raising(call: Request) -> None:
     """Absurd shapes ([2**62, 0], [40000, 1] with [1, 40000], 2**62 ** 5) come
     back as bounded ints at once: nothing is allocated, nothing overflows."""
     spec, shapes, options, grad = call
