@@ -307,6 +307,8 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     common: dict[str, Any] = {
         "host": host, "port": port, "log_config": None, "access_log": False,
         "timeout_graceful_shutdown": settings.compute_timeout,
+        # header timeout, header size cap, uploads cut at shutdown
+        "http": "service.api.connections:GuardedHttpToolsProtocol",
     }  # fmt: skip
     if workers > 1:
         # uvicorn's supervisor forwards SIGTERM to each worker, which drains on its own

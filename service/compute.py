@@ -7,15 +7,17 @@ in a bounded worker pool, never on the event loop.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from service.config import Settings
-from service.errors import FieldError, InvalidPayload, Overloaded, invalid
+from service.errors import FieldError, InvalidPayload, Overloaded, PayloadTooLarge, invalid
 from service.losses import LossSpec
+from service.losses.cost import Cost, predict, predicted_bytes
 from service.losses.registry import Tensors
 from service.schemas import LossRequestBase, parse_request
 from service.tensors import (
@@ -29,6 +31,8 @@ from service.tensors import (
     encode_scalar,
     encode_tensor,
 )
+
+T = TypeVar("T")
 
 # Errors torch raises for argument combinations it does not accept.
 TORCH_ARGUMENT_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
@@ -120,14 +124,57 @@ def evaluate(
     loc: tuple[str | int, ...] = ("body",),
 ) -> dict[str, Any]:
     """One v1 loss request body (parsed JSON) -> the response body (contract section 4)."""
+    return prepare(spec, body, settings, timings, loc).finish()
+
+
+def prepare(
+    spec: LossSpec,
+    body: Any,
+    settings: Settings,
+    timings: Timings,
+    loc: tuple[str | int, ...] = ("body",),
+) -> Prepared[dict[str, Any]]:
+    """Decode and check one v1 loss request body, and predict what it costs;
+    ``finish()`` computes and encodes it."""
     start = time.perf_counter()
     request = parse_request(spec, body, loc)
     timings.decode += time.perf_counter() - start
-    evaluation = evaluate_request(spec, request, settings, timings, loc)
-    start = time.perf_counter()
-    response = encode_evaluation(evaluation)
-    timings.encode += time.perf_counter() - start
-    return response
+    call = prepare_request(spec, request, settings, timings, loc)
+
+    def finish() -> dict[str, Any]:
+        evaluation = run_prepared(call, timings)
+        start = time.perf_counter()
+        response = encode_evaluation(evaluation)
+        timings.encode += time.perf_counter() - start
+        return response
+
+    return Prepared(call.memory_bytes, finish)
+
+
+@dataclass
+class Prepared(Generic[T]):
+    """A request decoded, checked and costed, not yet computed: the bytes its
+    computation and response are predicted to hold, and the step that
+    computes them."""
+
+    memory_bytes: int
+    finish: Callable[[], T]
+
+
+@dataclass
+class LossCall:
+    """One loss evaluation, decoded and checked, with its predicted cost."""
+
+    spec: LossSpec
+    request: LossRequestBase
+    tensors: Tensors
+    options: dict[str, Any]
+    grad_names: list[str]
+    device: torch.device
+    budget: ElementBudget
+    loc: tuple[str | int, ...]
+    cost: Cost
+    memory_bytes: int
 
 
 def evaluate_request(
@@ -138,7 +185,21 @@ def evaluate_request(
     loc: tuple[str | int, ...] = ("body",),
     decoded: dict[str, tuple[torch.Tensor, bool]] | None = None,
 ) -> Evaluation:
-    """Decode, check and compute one validated request.
+    """Decode, check and compute one validated request."""
+    return run_prepared(prepare_request(spec, request, settings, timings, loc, decoded), timings)
+
+
+def prepare_request(
+    spec: LossSpec,
+    request: LossRequestBase,
+    settings: Settings,
+    timings: Timings,
+    loc: tuple[str | int, ...] = ("body",),
+    decoded: dict[str, tuple[torch.Tensor, bool]] | None = None,
+    binary_outputs: frozenset[str] = frozenset(),
+) -> LossCall:
+    """Decode and check one validated request and predict its cost (contract
+    section 9): over ``max_work_elements`` it is a 413 before torch runs.
 
     ``decoded`` holds tensors that arrived already decoded (the v2 binary
     extension), each with whether its dtype was explicit; the request's own
@@ -156,18 +217,94 @@ def evaluate_request(
         grad_names = grad_targets(spec, request, tensors)
     except InvalidPayload as exc:
         raise _relocate(exc, loc) from None
+    shapes = {k: tuple(v.shape) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    cost = predict(spec, shapes, _cost_hints(tensors, options), grad_names)
+    if cost.work_elements > settings.max_work_elements:
+        raise PayloadTooLarge(
+            f"{spec.name} with these shapes ({_describe_shapes(shapes)}, reduction "
+            f"{options.get('reduction')!r}{', grad' if grad_names else ''}) is predicted to "
+            f"take {cost.work_elements} elements of work, more than the limit of "
+            f"{settings.max_work_elements} (LOSS_SERVICE_MAX_WORK_ELEMENTS)"
+        )
+    timings.decode += time.perf_counter() - start
+    return LossCall(
+        spec, request, tensors, options, grad_names, device, budget, loc, cost,
+        memory_bytes=_memory_bytes(cost, tensors, grad_names, request.encoding, binary_outputs),
+    )  # fmt: skip
+
+
+def _cost_hints(tensors: Tensors, options: dict[str, Any]) -> dict[str, Any]:
+    """The options, and what the cost model can use beside the shapes: the
+    float dtype, and CTC's longest target (its tables hold N x T x (2S + 1)
+    cells, and with concatenated targets the shapes alone bound S only by
+    their total length)."""
+    hints = dict(options)
+    floats = [v for v in tensors.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if floats:
+        hints["dtype"] = dtype_name(floats[0].dtype)
+    lengths = tensors.get("target_lengths")
+    if isinstance(lengths, torch.Tensor) and lengths.numel():
+        hints["max_target_length"] = int(lengths.max())
+    return hints
+
+
+# What encoding one output element costs in memory on its way out, by
+# encoding: nested and flat JSON hold a float64 copy and up to ~25 bytes of
+# text twice (the tensor's fragment, then the response body); b64 holds the
+# raw bytes, the base64 text twice and the response body.
+JSON_BYTES_PER_ELEMENT = 64
+B64_BYTES_PER_BYTE = 6
+
+
+def _memory_bytes(
+    cost: Cost,
+    tensors: Tensors,
+    grad_names: list[str],
+    encoding: str,
+    binary_outputs: frozenset[str],
+) -> int:
+    """What the computation and the response are predicted to hold, in bytes
+    (``binary_outputs``: the outputs sent as raw bytes, by v2 output name, or
+    ``*`` for all)."""
+    present = [v for v in tensors.values() if isinstance(v, torch.Tensor)]
+    itemsize = max((t.element_size() for t in present if t.is_floating_point()), default=4)
+    outputs = {"loss": cost.value_elements}
+    for name in grad_names:
+        tensor = tensors[name]
+        outputs[f"grad_{name}"] = tensor.numel() if isinstance(tensor, torch.Tensor) else 1
+    out = 0
+    for name, elements in outputs.items():
+        if name in binary_outputs or "*" in binary_outputs:
+            out += elements * itemsize
+        elif encoding == "b64":
+            out += elements * itemsize * B64_BYTES_PER_BYTE
+        else:
+            out += elements * JSON_BYTES_PER_ELEMENT
+    return predicted_bytes(cost, itemsize) + out
+
+
+def _describe_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items())
+
+
+def run_prepared(call: LossCall, timings: Timings) -> Evaluation:
+    """Compute a prepared call on its device."""
+    start = time.perf_counter()
+    tensors, device = call.tensors, call.device
     if device.type != "cpu":  # decoded on the CPU, checked there, then moved once
         tensors = {
             k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()
         }
-    decoded_at = time.perf_counter()
-    timings.decode += decoded_at - start
+    moved_at = time.perf_counter()
+    timings.decode += moved_at - start
     timings.device = device_name(device)
     timings.tensor_bytes_in += sum(
         t.nbytes for t in tensors.values() if isinstance(t, torch.Tensor)
     )
-    evaluation = run_loss(spec, request, tensors, options, grad_names, budget, loc)
-    timings.compute += time.perf_counter() - decoded_at
+    evaluation = run_loss(
+        call.spec, call.request, tensors, call.options, call.grad_names, call.budget, call.loc
+    )
+    timings.compute += time.perf_counter() - moved_at
     timings.tensor_bytes_out += evaluation.value.nbytes + sum(
         g.nbytes for g in evaluation.grads.values()
     )
@@ -277,7 +414,11 @@ def run_loss(
         raise Overloaded(
             "the device ran out of memory; retry later or send less", retry_after=2
         ) from None
+    except MemoryError:
+        raise out_of_host_memory() from None
     except TORCH_ARGUMENT_ERRORS as exc:
+        if is_allocation_failure(exc):
+            raise out_of_host_memory() from None
         raise _torch_error(spec, exc, tensors, request, loc) from None
     return Evaluation(
         spec,
@@ -288,6 +429,15 @@ def run_loss(
             for n, g, leaf in zip(grad_names, grads, leaves, strict=True)
         },
     )
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    """torch's CPU allocator reports a failed allocation as a RuntimeError."""
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def out_of_host_memory() -> Overloaded:
+    return Overloaded("the server ran out of memory; retry later or send less", retry_after=2)
 
 
 def decode_grad_output(

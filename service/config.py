@@ -22,12 +22,43 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_tensor_elements: int = Field(2**26, ge=1, description="Per request, all tensors")
     max_elements_per_tensor: int = Field(2**26, ge=1, description="Per tensor")
+    max_work_elements: int = Field(
+        2**27,
+        ge=1,
+        description="Per request: the peak elements its loss call is predicted to hold or "
+        "touch (broadcasts, outputs, gradients, CTC tables, pairwise work); over it, 413 "
+        "before torch runs",
+    )
+    memory_budget_bytes: int = Field(
+        0,
+        ge=0,
+        description="Bytes all requests in flight may hold together (bodies as they arrive, "
+        "parsing, predicted computations and responses); a request that does not fit waits "
+        "for room until the queue timeout, then 503. 0 = half of the container's memory "
+        "limit (cgroup v2 or v1), else half of the machine's RAM",
+    )
     max_concurrency: int = Field(0, ge=0, description="Computations at once; 0 = CPU count")
     inline_max_body_bytes: int = Field(
         16 * 1024,
         ge=0,
-        description="Bodies up to this size are computed on the event loop (cheaper than a "
-        "thread hand-off); 0 sends every request to the worker pool",
+        description="Uncompressed bodies up to this size are decoded on the event loop, and "
+        "computed there when their predicted memory is small (cheaper than a thread "
+        "hand-off); 0 sends every request to the worker pool",
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client may take to send a request's headers; 408"
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request body may stop arriving; 408"
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Request line and headers in total; over it, 431"
+    )
+    idle_trim_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="Seconds without a request in flight after which freed heap memory is "
+        "handed back to the system (malloc_trim); 0 never",
     )
     queue_timeout: float = Field(
         10.0, gt=0, description="Seconds a request may wait for a computation slot, then 503"
@@ -44,15 +75,19 @@ class Settings(BaseSettings):
     metrics_requires_key: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
-    malloc_keep_bytes: int = Field(
-        512 * 1024 * 1024,
+    malloc_keep_bytes: int | None = Field(
+        None,
         ge=0,
         description="glibc malloc keeps up to this much freed memory for the next request "
-        "(large tensors then reuse pages instead of faulting in fresh ones); 0 keeps glibc's "
-        "defaults",
+        "(large tensors then reuse pages instead of faulting in fresh ones) until the "
+        "service goes idle; 0 keeps glibc's defaults; unset = an eighth of the memory "
+        "budget, at most 512 MiB",
     )
     shutdown_drain_seconds: float = Field(
-        0.0, ge=0, description="After SIGTERM, seconds /readyz answers 503 before draining"
+        0.0,
+        ge=0,
+        description="After SIGTERM, seconds /readyz answers 503 while requests are still "
+        "served; then computations in flight finish and uploads still running are cut",
     )
 
     @field_validator("api_keys", "cors_origins", mode="before")

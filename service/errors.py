@@ -54,6 +54,15 @@ class NotFound(ServiceError):
     status, title, slug = 404, "Not Found", "not-found"
 
 
+class RequestTimeout(ServiceError):
+    """408: the body stopped arriving; the connection is closed after the answer."""
+
+    status, title, slug = 408, "Request timeout", "request-timeout"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Connection": "close"})
+
+
 class PayloadTooLarge(ServiceError):
     status, title, slug = 413, "Payload too large", "payload-too-large"
 

@@ -43,7 +43,7 @@ class NumericArray:
         return f"<array of shape {list(self.shape)}>"
 
 
-def loads(body: bytes | bytearray) -> Any:
+def loads(body: bytes | bytearray | memoryview) -> Any:
     """Parse a request body; 422 when it is not JSON."""
     if len(body) < SIMDJSON_MIN_BODY:
         try:

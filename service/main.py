@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
+import sys
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +24,8 @@ from service.api.runtime import Runtime, keep_freed_memory
 from service.compute import available_devices
 from service.config import Settings
 from service.config import settings as default_settings
+from service.losses import LOSSES
+from service.schemas import request_model
 
 DESCRIPTION = """
 Evaluate any `torch.nn.functional` loss over HTTP: post tensors and options
@@ -47,6 +51,26 @@ NO_NATIVE_TELEMETRY: dict[str, Any] = (
 )
 
 
+GIL_SWITCH_INTERVAL = 0.001
+
+
+def warm_up() -> None:
+    """Build every loss's request model and run its worked example once, at
+    start-up: done lazily, the first request of each loss spent up to a few
+    hundred milliseconds building them while holding the GIL, and /healthz
+    waited as long. Then set the start-up objects aside from the garbage
+    collector."""
+    for spec in LOSSES.values():
+        request_model(spec)
+        v1.example_response(spec)
+    # torch, FastAPI and pydantic leave about 200,000 objects that live as long
+    # as the process; a full collection walked them all in about 90 ms,
+    # holding the GIL, at moments no request chose. Frozen, the collector
+    # skips them.
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or default_settings
     runtime = Runtime(settings)
@@ -55,8 +79,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        keep_freed_memory(settings.malloc_keep_bytes)
+        keep_freed_memory(runtime.malloc_keep_bytes)
+        # Decoding holds the GIL in the worker threads; with the default 5 ms
+        # switch interval the event loop waited up to 5 ms for it at each of
+        # its steps, and /healthz took several of those under load.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         app.state.devices = available_devices()  # probes CUDA once, at start-up
+        warm_up()
         yield
         runtime.flush()  # the last requests' metrics and log lines
 

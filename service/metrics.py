@@ -66,6 +66,16 @@ class Metrics:
             "loss_service_running_computations", "Computations running", registry=r
         )
         r.register(_CudaMemory())
+        self.memory_budget = Gauge(
+            "loss_service_memory_budget_bytes",
+            "Bytes all requests in flight may hold together (LOSS_SERVICE_MEMORY_BUDGET_BYTES)",
+            registry=r,
+        )
+        self.memory_reserved = Gauge(
+            "loss_service_memory_reserved_bytes",
+            "Bytes of the memory budget reserved by requests in flight now",
+            registry=r,
+        )
 
 
 class Series:

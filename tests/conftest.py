@@ -49,14 +49,17 @@ def server_log(proc: subprocess.Popen[bytes]) -> str:
     return log.read().decode(errors="replace")
 
 
-def start_server(env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """A real uvicorn process serving the app on a free loopback port."""
+def start_server(
+    env: dict[str, str] | None = None, wrap: list[str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A real uvicorn process serving the app on a free loopback port (``wrap``:
+    a command that execs the server's, e.g. to enter a cgroup first)."""
     port = free_port()
     full_env = {**os.environ, "LOSS_SERVICE_HOST": "127.0.0.1", "LOSS_SERVICE_PORT": str(port)}
     full_env.update(env or {})
     log = tempfile.TemporaryFile()  # noqa: SIM115  (closed by stop_server)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"],
+        [*(wrap or []), sys.executable, "-m", "service.cli", "serve"],
         cwd=ROOT,
         env=full_env,
         stdout=subprocess.DEVNULL,

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from starlette.requests import Request
 
-from service.api.runtime import ALIGNMENT, PREALLOCATE_MIN_BYTES, read_body
+from service.api.runtime import ALIGNMENT, PREALLOCATE_MIN_BYTES, Runtime, read_body
+from service.config import Settings
 from service.tensors import bytes_to_tensor
+
+RUNTIME = Runtime(Settings(memory_budget_bytes=1 << 30))
 
 
 def request_with(body: bytes, chunk: int = 65536) -> Request:
@@ -30,6 +34,7 @@ def request_with(body: bytes, chunk: int = 65536) -> Request:
         "method": "POST",
         "path": "/",
         "headers": [(b"content-length", str(len(body)).encode())],
+        "app": SimpleNamespace(state=SimpleNamespace(runtime=RUNTIME)),
     }
     return Request(scope, receive)
 
@@ -52,11 +57,21 @@ def test_tensor_bytes_after_the_header_are_aligned_and_used_in_place(header_leng
     assert tensor.data_ptr() == address(binary)  # no copy
 
 
-def test_without_align_a_large_body_is_one_bytearray() -> None:
+def test_without_align_a_large_body_is_one_writable_buffer() -> None:
     body = bytes(range(256)) * 1000
     read = asyncio.run(read_body(request_with(body), 1 << 30))
-    assert isinstance(read, bytearray) and read == body
+    assert isinstance(read, memoryview) and not read.readonly and bytes(read) == body
     ctypes.addressof((ctypes.c_char * len(read)).from_buffer(read))  # still writable
+
+
+def test_body_bytes_count_against_the_memory_budget_as_they_arrive() -> None:
+    used = RUNTIME.bodies.used
+    body = b"x" * (PREALLOCATE_MIN_BYTES * 3)
+    request = request_with(body)
+    asyncio.run(read_body(request, 1 << 30))
+    assert RUNTIME.bodies.used - used == len(body)
+    request.scope["state"]["body_memory"].end()
+    assert RUNTIME.bodies.used == used
 
 
 def test_a_small_body_comes_back_as_sent() -> None:

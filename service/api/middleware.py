@@ -88,10 +88,12 @@ class ObservabilityMiddleware:
 
         stats = self.stats
         stats.in_flight += 1
+        self.runtime.request_started()
         try:
             await self.app(scope, counting_receive, tagging_send)
         finally:
             stats.in_flight -= 1
+            self.runtime.request_ended(scope)
             loop = asyncio.get_running_loop()
             if self.flush_on is not loop:  # none due, or due on a loop that is gone
                 loop.call_later(RECORD_DELAY, self.flush)

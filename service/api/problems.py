@@ -38,7 +38,23 @@ def error_response(request: Request, error: ServiceError) -> Response:
     else:
         content = orjson.dumps(problem_body(error))
         media_type = "application/problem+json"
-    return Response(content, status_code=error.status, media_type=media_type, headers=error.headers)
+    headers = error.headers
+    if _body_unread(request):
+        # answered before its body was read (refused from its headers, or
+        # part-way): closing the connection stops the upload, where keeping
+        # it would read and discard the rest of the body on the event loop
+        headers = {**headers, "Connection": "close"}
+    return Response(content, status_code=error.status, media_type=media_type, headers=headers)
+
+
+def _body_unread(request: Request) -> bool:
+    if request.scope.get("state", {}).get("body_read"):
+        return False
+    headers = request.scope.get("headers", [])
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return True
+    return False
 
 
 class _HTTPProblem(ServiceError):

@@ -11,9 +11,22 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
+from service import compute
 from service.api.problems import problem_body
-from service.api.runtime import RawResponse, parse_json, read_body, require_json, runtime
-from service.compute import Timings, evaluate
+from service.api.runtime import (
+    Admit,
+    Body,
+    RawResponse,
+    decompress,
+    header,
+    is_compressed,
+    parse_bytes,
+    parse_json,
+    read_body,
+    require_json,
+    runtime,
+)
+from service.compute import Prepared, Timings, evaluate
 from service.config import Settings
 from service.errors import FieldError, InvalidPayload, ServiceError
 from service.losses import LOSSES, LossSpec, resolve
@@ -43,25 +56,44 @@ def json_response(content: Any, headers: dict[str, str] | None = None) -> Respon
     return Response(orjson.dumps(content), media_type="application/json", headers=headers)
 
 
-def _evaluate_body(spec: LossSpec, body: bytes, settings: Settings) -> tuple[bytes, Timings]:
-    timings = Timings()
-    start = time.perf_counter()
-    payload = parse_json(body)
-    timings.decode += time.perf_counter() - start
-    result = evaluate(spec, payload, settings, timings)
-    start = time.perf_counter()
-    content = orjson.dumps(result)
-    timings.encode += time.perf_counter() - start
-    return content, timings
-
-
 async def serve_loss(request: Request, spec: LossSpec) -> Response:
     require_json(request)
     rt = runtime(request)
     body = await read_body(request, rt.settings.max_body_bytes)
-    content, timings = await rt.run(_evaluate_body, spec, body, rt.settings, body_bytes=len(body))
+    encoding = header(request, b"content-encoding") or ""
+    timings = Timings()
+
+    def prepare(admit: Admit) -> Prepared[bytes]:
+        payload = _parse_body(body, encoding, rt.settings, timings, admit)
+        evaluation = compute.prepare(spec, payload, rt.settings, timings)
+
+        def finish() -> bytes:
+            result = evaluation.finish()
+            start = time.perf_counter()
+            content = orjson.dumps(result)
+            timings.encode += time.perf_counter() - start
+            return content
+
+        return Prepared(evaluation.memory_bytes, finish)
+
+    content = await rt.evaluate(
+        request, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
+    )
     request.scope["state"]["loss_stats"] = timings.stats()
     return RawResponse(content, b"application/json", [(b"server-timing", timings.header())])
+
+
+def _parse_body(
+    body: Body, encoding: str, settings: Settings, timings: Timings, admit: Admit
+) -> Any:
+    """The JSON of a request body, decompressed first when it says so; what
+    decompressing and parsing hold is reserved in the memory budget first."""
+    start = time.perf_counter()
+    raw = decompress(body, encoding, settings.max_body_bytes, admit)
+    admit(parse_bytes(raw), "parsing the request body")
+    payload = parse_json(raw)
+    timings.decode += time.perf_counter() - start
+    return payload
 
 
 def _loss_endpoint(spec: LossSpec) -> Any:
@@ -186,22 +218,31 @@ def build_router() -> APIRouter:
         require_json(request)
         rt = runtime(request)
         body = await read_body(request, rt.settings.max_body_bytes)
-        content, timings = await rt.run(_evaluate_batch, body, rt.settings, body_bytes=len(body))
+        encoding = header(request, b"content-encoding") or ""
+        timings = Timings()
+
+        def prepare(admit: Admit) -> Prepared[bytes]:
+            payload = _parse_body(body, encoding, rt.settings, timings, admit)
+            return _prepare_batch(payload, rt.settings, timings)
+
+        content = await rt.evaluate(
+            request, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
+        )
         request.scope["state"]["loss_stats"] = timings.stats()
         return RawResponse(content, b"application/json", [(b"server-timing", timings.header())])
 
     return router
 
 
-def _evaluate_batch(body: bytes, settings: Settings) -> tuple[bytes, Timings]:
-    timings = Timings()
-    payload = parse_json(body)
+def _prepare_batch(payload: Any, settings: Settings, timings: Timings) -> Prepared[bytes]:
+    """Every item decoded, checked and costed (a bad item fails alone); the
+    batch holds what all its items are predicted to hold."""
     items = payload.get("items") if isinstance(payload, dict) else None
     if not isinstance(items, list) or set(payload) != {"items"}:
         raise InvalidPayload(
             [FieldError(("body", "items"), 'expected {"items": [{"loss": "<name>", ...}, ...]}')]
         )
-    results: list[dict[str, Any]] = []
+    prepared: list[Prepared[dict[str, Any]] | dict[str, Any]] = []
     for index, item in enumerate(items):
         loc: tuple[str | int, ...] = ("body", "items", index)
         try:
@@ -210,13 +251,27 @@ def _evaluate_batch(body: bytes, settings: Settings) -> tuple[bytes, Timings]:
                     [FieldError((*loc, "loss"), 'expected an object with a "loss" name')]
                 )
             fields = {k: v for k, v in item.items() if k != "loss"}
-            results.append(evaluate(resolve(item["loss"]), fields, settings, timings, loc))
+            prepared.append(compute.prepare(resolve(item["loss"]), fields, settings, timings, loc))
         except ServiceError as exc:
-            results.append({"error": problem_body(exc)})
-    start = time.perf_counter()
-    content = orjson.dumps({"results": results})
-    timings.encode += time.perf_counter() - start
-    return content, timings
+            prepared.append({"error": problem_body(exc)})
+
+    def finish() -> bytes:
+        results: list[dict[str, Any]] = []
+        for entry in prepared:
+            if isinstance(entry, dict):
+                results.append(entry)
+                continue
+            try:
+                results.append(entry.finish())
+            except ServiceError as exc:
+                results.append({"error": problem_body(exc)})
+        start = time.perf_counter()
+        content = orjson.dumps({"results": results})
+        timings.encode += time.perf_counter() - start
+        return content
+
+    memory = sum(p.memory_bytes for p in prepared if not isinstance(p, dict))
+    return Prepared(memory, finish)
 
 
 def register_models(app: FastAPI) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +23,21 @@ from starlette.responses import Response
 
 from service import __version__
 from service.api.ops import is_ready
-from service.api.runtime import Body, RawResponse, read_body, runtime
+from service.api.runtime import (
+    Admit,
+    Body,
+    RawResponse,
+    decompress,
+    is_compressed,
+    parse_bytes,
+    read_body,
+    runtime,
+)
 from service.api.runtime import header as request_header
 from service.api.v1 import json_response
-from service.compute import Evaluation, Timings, evaluate_request
+from service.compute import Evaluation, Prepared, Timings, prepare_request, run_prepared
 from service.config import Settings
-from service.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType, invalid
+from service.errors import BadRequest, NotFound, invalid
 from service.losses import LossSpec, TensorArg, resolve
 from service.schemas import DEPRECATED_OPTIONS, parse_request
 from service.tensors import (
@@ -288,31 +296,6 @@ def split_body(body: Body, header_length: str | None) -> tuple[Body, memoryview]
         )
     length = int(text)
     return body[:length], memoryview(body)[length:]
-
-
-def decompress(body: Body, encoding: str, limit: int) -> Body:
-    """Undo a request's Content-Encoding (gzip or deflate), never past ``limit`` bytes."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
-    if wbits is None:
-        raise UnsupportedMediaType(
-            f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none"
-        )
-    inflater = zlib.decompressobj(wbits)
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BadRequest(f"invalid {encoding} request body: {exc}") from None
-    if len(data) > limit:
-        raise PayloadTooLarge(
-            f"decompressed request body exceeds the limit of {limit} bytes "
-            "(LOSS_SERVICE_MAX_BODY_BYTES)"
-        )
-    if not inflater.eof:
-        raise BadRequest(f"truncated {encoding} request body")
-    return data
 
 
 def parse_infer(
@@ -644,28 +627,48 @@ def encode_outputs(
     return b"".join([header, *chunks]), len(header)
 
 
-def infer(
+def prepare_infer(
     spec: LossSpec,
     body: Body,
     header_length: str | None,
     content_encoding: str,
     settings: Settings,
-) -> tuple[bytes, int | None, Timings]:
-    """One inference request body -> the response body (runs in the worker pool)."""
-    timings = Timings()
+    timings: Timings,
+    admit: Admit,
+) -> Prepared[tuple[bytes, int | None]]:
+    """One inference request body, decoded, checked and costed; ``finish()``
+    gives the response body and its JSON header's length (when binary data
+    follows)."""
     start = time.perf_counter()
-    body = decompress(body, content_encoding, settings.max_body_bytes)
+    body = decompress(body, content_encoding, settings.max_body_bytes, admit)
     header, binary = split_body(body, header_length)
+    admit(parse_bytes(header), "parsing the inference request")
     budget = ElementBudget.for_request(settings)
     call = parse_infer(spec, header, binary, budget)
     request = parse_request(spec, request_body(spec, call), ("parameters",))
     decoded = {name: (tensor, True) for name, tensor in call.tensors.items()}
     timings.decode += time.perf_counter() - start
-    evaluation = evaluate_request(spec, request, settings, timings, decoded=decoded)
-    start = time.perf_counter()
-    content, length = encode_outputs(spec, call, evaluation)
-    timings.encode += time.perf_counter() - start
-    return content, length, timings
+    loss_call = prepare_request(
+        spec, request, settings, timings, decoded=decoded, binary_outputs=_binary_outputs(call)
+    )
+
+    def finish() -> tuple[bytes, int | None]:
+        evaluation = run_prepared(loss_call, timings)
+        start = time.perf_counter()
+        content, length = encode_outputs(spec, call, evaluation)
+        timings.encode += time.perf_counter() - start
+        return content, length
+
+    return Prepared(loss_call.memory_bytes, finish)
+
+
+def _binary_outputs(call: InferCall) -> frozenset[str]:
+    """The outputs that will be sent as raw bytes (the rest go as JSON)."""
+    if call.outputs is None:
+        return frozenset({"*"}) if call.binary_output else frozenset()
+    return frozenset(
+        o.name for o in call.outputs if (call.binary_output if o.binary is None else o.binary)
+    )
 
 
 # --------------------------------------------------------------------------- routes
@@ -683,16 +686,20 @@ def _model(name: str, version: str) -> LossSpec:
 async def serve_infer(request: Request, spec: LossSpec) -> Response:
     rt = runtime(request)
     declared = request_header(request, HEADER_LENGTH_KEY)
-    align = int(declared) if declared and declared.isdigit() and len(declared) < 19 else 0
+    align = (
+        int(declared)
+        if declared and declared.isascii() and declared.isdigit() and len(declared) < 19
+        else 0
+    )
     body = await read_body(request, rt.settings.max_body_bytes, align=align)
-    content, length, timings = await rt.run(
-        infer,
-        spec,
-        body,
-        declared,
-        request_header(request, b"content-encoding") or "",
-        rt.settings,
-        body_bytes=len(body),
+    encoding = request_header(request, b"content-encoding") or ""
+    timings = Timings()
+
+    def prepare(admit: Admit) -> Prepared[tuple[bytes, int | None]]:
+        return prepare_infer(spec, body, declared, encoding, rt.settings, timings, admit)
+
+    content, length = await rt.evaluate(
+        request, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
     )
     request.scope["state"]["loss_stats"] = timings.stats()
     headers = [(b"server-timing", timings.header())]

@@ -1,0 +1,169 @@
+"""What a connection may cost before any request exists: uvicorn's httptools
+protocol with the limits it lacks.
+
+uvicorn bounds neither how long a client may take to send a request's headers
+nor how large they may grow (httptools accumulates an unterminated header line
+for as long as it keeps coming), and at shutdown it lets an upload that never
+ends hold the process until the graceful timeout cancels it with a 500. This
+protocol adds, per connection:
+
+- a header timeout (``LOSS_SERVICE_HEADER_TIMEOUT``): headers not complete in
+  time end the connection with a 408;
+- a cap on the request line and headers together
+  (``LOSS_SERVICE_MAX_HEADER_BYTES``): over it, a 431 before any routing or
+  key check;
+- a client that stops reading its response for ``LOSS_SERVICE_BODY_TIMEOUT``
+  is disconnected (a response that cannot be sent would otherwise hold its
+  memory, and its share of the memory budget, for ever);
+- at shutdown (after the drain period), connections still uploading a body
+  are closed at once, while computations in flight finish.
+
+The body idle timeout is the application's own (``service.api.runtime``), so
+it holds under any ASGI server. ``loss-service serve`` installs this protocol;
+with plain uvicorn pass ``--http service.api.connections:GuardedHttpToolsProtocol``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.api.problems import PROBLEM_TYPE
+from service.config import settings
+
+REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = settings.header_timeout
+        self.max_header_bytes = settings.max_header_bytes
+        # from the connection's start, then from each message's first byte
+        self.awaiting_headers = True
+        self.header_bytes = 0
+        self.header_timer: asyncio.TimerHandle | None = None
+        self.write_timeout = settings.body_timeout
+        self.write_timer: asyncio.TimerHandle | None = None
+        self.refused = False
+
+    # ------------------------------------------------------------------ connection
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
+        super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.write_timer is None:
+            self.write_timer = self.loop.call_later(self.write_timeout, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
+        super().resume_writing()
+
+    def _write_timed_out(self) -> None:
+        """The client read none of its response for the write timeout."""
+        self.write_timer = None
+        self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        super().data_received(data)
+        if self.awaiting_headers:  # a message has begun and its headers are not complete
+            self.header_bytes += len(data)
+        if self.refused or (self.awaiting_headers and self.header_bytes > self.max_header_bytes):
+            self._refuse(
+                431,
+                f"the request line and headers exceed {self.max_header_bytes} bytes "
+                "(LOSS_SERVICE_MAX_HEADER_BYTES)",
+            )
+
+    def shutdown(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and cycle.more_body:
+            # still uploading after the drain period: cut it (its request ends
+            # as a disconnect, and nothing answers for it)
+            self.transport.close()
+            return
+        super().shutdown()
+
+    # ------------------------------------------------------------------ parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.awaiting_headers = True
+        self.header_bytes = 0
+        if self.header_timer is None:
+            self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self.awaiting_headers = False
+        self._disarm_header_timer()
+        size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+        if size > self.max_header_bytes:
+            self.refused = True
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self.refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self.refused:
+            super().on_message_complete()
+
+    # ------------------------------------------------------------------ limits
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self.header_timer = self.loop.call_later(self.header_timeout, self._header_timed_out)
+
+    def _disarm_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self.header_timer = None
+        if not self.awaiting_headers or self.transport.is_closing():
+            return
+        self._refuse(
+            408,
+            f"the request headers did not arrive within {self.header_timeout:g} s "
+            "(LOSS_SERVICE_HEADER_TIMEOUT)",
+        )
+
+    def _refuse(self, status: int, detail: str) -> None:
+        """Answer ``status`` with problem details and close the connection."""
+        self.refused = True
+        self._disarm_header_timer()
+        if self.transport.is_closing():
+            return
+        slug = REASONS[status].decode().lower().replace(" ", "-")
+        body = orjson.dumps({
+            "type": f"{PROBLEM_TYPE}-{slug}",
+            "title": REASONS[status].decode(),
+            "status": status,
+            "detail": detail,
+        })  # fmt: skip
+        head = b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status]) + (
+            b"content-type: application/problem+json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        )
+        self.transport.write(head + body)
+        self.transport.close()
