@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model
 
 from service.dtypes import DTYPES
-from service.errors import FieldError, InvalidPayload
+from service.errors import FieldError, InvalidPayload, quote
 from service.losses import LOSSES, LossSpec
 from service.tensors import FLOAT_DTYPES
 
@@ -153,8 +153,7 @@ def validation_error(exc: ValidationError, loc: tuple[str | int, ...]) -> Invali
         if e["type"] == "extra_forbidden":
             msg = "unknown field for this loss"
         elif e["type"] != "missing" and "input" in e:
-            shown = repr(e["input"])
-            msg = f"{msg}, got {shown if len(shown) <= 60 else shown[:57] + '...'}"
+            msg = f"{msg}, got {quote(e['input'], 60)}"
         errors.append(FieldError((*loc, *e["loc"]), msg))
     return InvalidPayload(errors)
 

@@ -26,7 +26,7 @@ import pybase64
 import torch
 
 from service.dtypes import DTYPE_NAMES, DTYPES
-from service.errors import PayloadTooLarge, invalid
+from service.errors import PayloadTooLarge, invalid, quote
 from service.fastjson import NumericArray
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ def _decode_object(
     if unknown:
         raise invalid(
             field,
-            f"unknown key(s) {sorted(unknown)} in a tensor object; expected "
+            f"unknown key(s) {quote(sorted(unknown))} in a tensor object; expected "
             '"shape", "dtype" and one of "data" or "b64"',
         )
     if ("data" in value) == ("b64" in value):
@@ -187,7 +187,9 @@ def _decode_object(
     elif isinstance(dtype_field, str) and dtype_field in DTYPES:
         dtype = DTYPES[dtype_field]
     else:
-        raise invalid((field, "dtype"), f"expected one of {', '.join(DTYPES)}, got {dtype_field!r}")
+        raise invalid(
+            (field, "dtype"), f"expected one of {', '.join(DTYPES)}, got {quote(dtype_field)}"
+        )
 
     if "b64" in value:
         return _decode_b64(value["b64"], field, shape, numel, dtype)
@@ -219,7 +221,9 @@ def _shape(raw: Any, field: str) -> list[int]:
     if not isinstance(raw, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw
     ):
-        raise invalid((field, "shape"), f"expected an array of non-negative integers, got {raw!r}")
+        raise invalid(
+            (field, "shape"), f"expected an array of non-negative integers, got {quote(raw)}"
+        )
     if len(raw) > MAX_DIMS:
         raise invalid((field, "shape"), f"expected at most {MAX_DIMS} dimensions, got {len(raw)}")
     return list(raw)
@@ -359,7 +363,8 @@ def _replace_nonfinite(data: Any, loc: tuple[str, ...], *, flat: bool) -> Any:
         if data in NONFINITE_IN:
             return NONFINITE_IN[data]
         raise invalid(
-            loc, f'expected a number or "NaN", "Infinity", "-Infinity", got the string {data!r}'
+            loc,
+            f'expected a number or "NaN", "Infinity", "-Infinity", got the string {quote(data)}',
         )
     if isinstance(data, list):
         if flat and any(isinstance(x, list) for x in data):

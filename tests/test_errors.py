@@ -369,3 +369,70 @@ def test_limits() -> None:
         assert one_big.status_code == 413
         assert "input: 6 elements" in one_big.json()["detail"]
         assert per_tensor.post(CE, json=GOOD).status_code == 200
+
+
+@pytest.mark.parametrize("size", [50_000, 5_000_000])
+def test_messages_quote_at_most_200_characters_of_a_value(client: TestClient, size: int) -> None:
+    huge = "a" * size
+    for body in (
+        {"input": huge, "target": [1]},
+        {"input": [[1.0, huge]], "target": [1]},
+        {"input": {"shape": [1], "dtype": huge, "data": [1]}, "target": [1]},
+        {"input": {"shape": huge, "data": [1]}, "target": [1]},
+        {**GOOD, "reduction": huge},
+        {**GOOD, huge: 1},
+    ):
+        response = client.post(CE, json=body)
+        assert response.status_code == 422
+        assert len(response.content) < 3000, response.content[:300]
+        assert "a" * 201 not in response.text
+    # a message built elsewhere is still cut where problem details are made
+    response = client.post(CE, json={**GOOD, "device": huge})
+    assert response.status_code == 422 and len(response.content) < 6000
+    response = client.post(CE, json={"input": huge, "target": [1]})
+    assert f"({size} characters in all)" in response.json()["detail"]
+    v2 = client.post(
+        "/v2/models/cross_entropy/infer",
+        json={"inputs": [{"name": "input", "shape": [1], "datatype": huge, "data": [1]}]},
+    )
+    assert v2.status_code == 400 and len(v2.content) < 1000
+
+
+def test_a_problem_lists_a_bounded_number_of_errors(client: TestClient) -> None:
+    body = {**GOOD, **{f"unknown_{i}": i for i in range(1000)}}
+    response = client.post(CE, json=body)
+    problem = response.json()
+    assert response.status_code == 422 and len(problem["errors"]) == 51
+    assert problem["errors"][-1]["msg"] == "and 950 more errors"
+
+
+def test_values_nested_deeper_than_repr_goes_are_quoted_not_a_500(client: TestClient) -> None:
+    deep = b"[" * 1000 + b"]" * 1000  # within orjson's limit, past repr's
+    inputs = (
+        b'[{"name": "input", "shape": [1], "datatype": "FP32", "data": [1]},'
+        b'{"name": "target", "shape": [1], "datatype": "FP32", "data": [1]}]'
+    )
+    for path, body in (
+        ("/v2/models/mse_loss/infer", b'{"inputs": %s, "id": %s}' % (inputs, deep)),
+        (
+            "/v2/models/mse_loss/infer",
+            b'{"inputs": %s, "parameters": {"binary_data_output": %s}}' % (inputs, deep),
+        ),
+        (
+            "/v2/models/mse_loss/infer",
+            b'{"inputs": %s, "parameters": {"grad": [%s]}}' % (inputs, deep),
+        ),
+        (
+            "/v2/models/mse_loss/infer",
+            b'{"inputs": %s, "outputs": [{"name": "loss", "parameters": {"binary_data": %s}}]}'
+            % (inputs, deep),
+        ),
+        (
+            "/v2/models/mse_loss/infer",
+            b'{"inputs": [{"name": "input", "shape": %s, "datatype": "FP32", "data": [1]}]}' % deep,
+        ),
+        ("/v1/losses/mse_loss", b'{"input": {"shape": %s, "data": [1]}, "target": [1]}' % deep),
+        ("/v1/losses/mse_loss", b'{"input": [1], "target": [1], "unknown": %s}' % deep),
+    ):
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert 400 <= response.status_code < 500, (path, response.text)

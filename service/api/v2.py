@@ -29,7 +29,14 @@ from service.api.runtime import header as request_header
 from service.api.v1 import json_response
 from service.compute import Evaluation, Timings, evaluate_request
 from service.config import Settings
-from service.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType, invalid
+from service.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    invalid,
+    quote,
+)
 from service.losses import LossSpec, TensorArg, resolve
 from service.schemas import DEPRECATED_OPTIONS, parse_request
 from service.tensors import (
@@ -278,7 +285,7 @@ def split_body(body: Body, header_length: str | None) -> tuple[Body, memoryview]
     if not (text.isascii() and text.isdigit()):
         raise BadRequest(
             f"{HEADER_LENGTH} must be a non-negative integer (bytes of JSON header), "
-            f"got {header_length!r}"
+            f"got {quote(header_length)}"
         )
     # A length past any body is refused before int() meets thousands of digits.
     if len(text) > len(str(len(body))) or int(text) > len(body):
@@ -333,14 +340,16 @@ def parse_infer(
         )
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise BadRequest(f"id must be a string, got {request_id!r}")
+        raise BadRequest(f"id must be a string, got {quote(request_id)}")
 
     parameters = payload.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadRequest("parameters must be a JSON object")
     binary_output = parameters.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
-        raise BadRequest(f"parameters.binary_data_output must be a boolean, got {binary_output!r}")
+        raise BadRequest(
+            f"parameters.binary_data_output must be a boolean, got {quote(binary_output)}"
+        )
 
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -404,12 +413,12 @@ def _decode_input(
     name: str = item["name"]
     if name not in spec.tensor_names and name != "grad_output":
         raise BadRequest(
-            f"unknown input {name!r}; model {spec.name} takes {_describe_inputs(spec)} "
+            f"unknown input {quote(name)}; model {spec.name} takes {_describe_inputs(spec)} "
             "(and grad_output, the upstream gradient)"
         )
     unknown = set(item) - {"name", "shape", "datatype", "parameters", "data"}
     if unknown:
-        raise BadRequest(f"input {name!r}: unknown field(s) {sorted(unknown)}")
+        raise BadRequest(f"input {quote(name)}: unknown field(s) {quote(sorted(unknown))}")
     shape = item.get("shape")
     if (
         not isinstance(shape, list)
@@ -417,46 +426,50 @@ def _decode_input(
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise BadRequest(
-            f"input {name!r}: shape must be an array of at most {MAX_DIMS} non-negative "
-            f"integers, got {shape!r}"
+            f"input {quote(name)}: shape must be an array of at most {MAX_DIMS} non-negative "
+            f"integers, got {quote(shape)}"
         )
     datatype = item.get("datatype")
     if datatype not in DATATYPES:
         raise BadRequest(
-            f"input {name!r}: datatype must be one of {', '.join(DATATYPES)}, got {datatype!r}"
+            f"input {quote(name)}: datatype must be one of {', '.join(DATATYPES)}, "
+            f"got {quote(datatype)}"
         )
     dtype = DATATYPES[datatype]
     parameters = item.get("parameters") or {}
     if not isinstance(parameters, dict):
-        raise BadRequest(f"input {name!r}: parameters must be a JSON object")
+        raise BadRequest(f"input {quote(name)}: parameters must be a JSON object")
     unknown = set(parameters) - {"binary_data_size"}
     if unknown:
         raise BadRequest(
-            f"input {name!r}: unsupported parameter(s) {sorted(unknown)} "
+            f"input {quote(name)}: unsupported parameter(s) {quote(sorted(unknown))} "
             "(only binary_data_size; shared memory is not supported)"
         )
     numel = math.prod(shape)
     size = parameters.get("binary_data_size")
     if size is None:
         if "data" not in item:
-            raise BadRequest(f"input {name!r} has neither data nor parameters.binary_data_size")
+            raise BadRequest(
+                f"input {quote(name)} has neither data nor parameters.binary_data_size"
+            )
         return name, _decode_json_data(name, item["data"], shape, dtype, budget), 0
     if "data" in item:
-        raise BadRequest(f"input {name!r} has both data and parameters.binary_data_size")
+        raise BadRequest(f"input {quote(name)} has both data and parameters.binary_data_size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise BadRequest(
-            f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}"
+            f"input {quote(name)}: binary_data_size must be a non-negative integer, "
+            f"got {quote(size)}"
         )
     budget.take(name, numel)
     itemsize = 1 if dtype == torch.bool else torch.empty((), dtype=dtype).element_size()
     if size != numel * itemsize:
         raise BadRequest(
-            f"input {name!r}: binary_data_size is {size} but shape {shape} of {datatype} "
+            f"input {quote(name)}: binary_data_size is {size} but shape {shape} of {datatype} "
             f"takes {numel * itemsize} bytes"
         )
     if offset + size > len(binary):
         raise BadRequest(
-            f"input {name!r}: binary_data_size {size} at offset {offset} runs past the end of "
+            f"input {quote(name)}: binary_data_size {size} at offset {offset} runs past the end of "
             f"the body ({len(binary)} bytes of binary data after the JSON header)"
         )
     wire_dtype = torch.uint8 if dtype == torch.bool else dtype
@@ -488,7 +501,7 @@ def _decode_json_data(
             tensor = tensor.to(dtype)
     if tensor.numel() != math.prod(shape):
         raise BadRequest(
-            f"input {name!r}: shape {shape} takes {math.prod(shape)} elements, "
+            f"input {quote(name)}: shape {shape} takes {math.prod(shape)} elements, "
             f"data holds {tensor.numel()}"
         )
     return tensor.reshape(shape)
@@ -522,7 +535,7 @@ def _parse_outputs(spec: LossSpec, raw: Any) -> list[OutputRequest] | None:
             )
         binary = parameters.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
-            raise BadRequest(f"output {name!r}: binary_data must be a boolean, got {binary!r}")
+            raise BadRequest(f"output {name!r}: binary_data must be a boolean, got {quote(binary)}")
         outputs.append(OutputRequest(name, binary))
     return outputs
 
@@ -546,7 +559,7 @@ def _grad_parameter(value: Any) -> bool | list[str]:
     raise invalid(
         ("parameters", "grad"),
         f"expected true, false, a list of argument names or a comma-separated string, "
-        f"got {value!r}",
+        f"got {quote(value)}",
     )
 
 
