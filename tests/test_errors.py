@@ -7,6 +7,7 @@ import base64
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fastapi.testclient import TestClient
 
 from service.config import Settings
@@ -279,6 +280,42 @@ BAD: list[tuple[str, str, dict[str, object], int, tuple[object, ...], str]] = [
         "only used with grad",
     ),
     ("a list instead of an object", CE, [1, 2], 422, (), "expected a JSON object"),  # type: ignore[list-item]
+    (
+        "dimension past int64",
+        "/v1/losses/mse_loss",
+        {"input": {"shape": [2**63, 0], "data": []}, "target": [1.0]},
+        422,
+        ("input", "shape"),
+        "outside int64",
+    ),
+    (
+        "dimensions that overflow with reduction none",
+        "/v1/losses/mse_loss",
+        {
+            "input": {"shape": [0, 2**63 - 1], "b64": ""},
+            "target": {"shape": [0, 2**63 - 1], "b64": ""},
+            "reduction": "none",
+        },
+        422,
+        ("input", "shape"),
+        "overflow",
+    ),
+    (
+        "class index past int64",
+        CE,
+        {"input": [[1.0, 2.0]], "target": [2**70], "ignore_index": -(2**63), "reduction": "sum"},
+        422,
+        ("target",),
+        "int64's range",
+    ),
+    (
+        "class index 2**63 is not wrapped",
+        CE,
+        {"input": [[1.0, 2.0]], "target": [2**63]},
+        422,
+        ("target",),
+        "got 9223372036854775808",
+    ),
 ]
 
 
@@ -436,3 +473,24 @@ def test_values_nested_deeper_than_repr_goes_are_quoted_not_a_500(client: TestCl
     ):
         response = client.post(path, content=body, headers={"content-type": "application/json"})
         assert 400 <= response.status_code < 500, (path, response.text)
+
+
+def test_a_bad_batch_item_fails_alone(client: TestClient) -> None:
+    good = {"loss": "mse_loss", "input": [1.0, 2.0], "target": [0.0, 0.5]}
+    items = [
+        good,
+        {"loss": "mse_loss", "input": {"shape": [0, 2**63 - 1], "b64": ""},
+         "target": {"shape": [0, 2**63 - 1], "b64": ""}, "reduction": "none"},
+        {"loss": "mse_loss", "input": {"shape": [2**63, 0], "data": []}, "target": [1.0]},
+        {"loss": "cross_entropy", "input": [[1.0, 2.0]], "target": [2**63]},
+        good,
+    ]  # fmt: skip
+    response = client.post("/v1/batch", json={"items": items})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    expected = F.mse_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.5])).item()
+    assert results[0]["value"] == results[4]["value"] == expected
+    for index in (1, 2, 3):
+        problem = results[index]["error"]
+        assert problem["status"] == 422
+        assert problem["errors"][0]["loc"][:3] == ["body", "items", index]

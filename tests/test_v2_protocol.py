@@ -248,6 +248,15 @@ def test_protocol_errors_are_400(client: TestClient, body: Any, words: list[str]
         ([], {"grad": ["target"]}, ["differentiate", "target"]),
         ([], {"grad": 3}, ["parameters.grad"]),
         ([], {"device": "tpu"}, ["device", "cpu"]),
+        (
+            [tensor("target", [2], "INT64", [2**63, 0])],
+            {},
+            ["target", "int64", "9223372036854775808"],
+        ),
+        ([tensor("target", [2], "UINT8", [-1, 0])], {}, ["target", "UINT8", "got -1"]),
+        ([tensor("input", [0, 2**63 - 1], "FP32", [])], {}, ["input.shape", "overflow"]),
+        ([tensor("input", [0, 2**63], "FP32", [])], {}, ["input.shape", "outside int64"]),
+        ([tensor("input", [0, 2**64], "FP32", [])], {}, ["input.shape", "outside int64"]),
     ],
 )
 def test_invalid_values_are_422(

@@ -43,10 +43,11 @@ from service.tensors import (
     MAX_DIMS,
     ElementBudget,
     bytes_to_tensor,
-    coerce_role,
+    check_dims,
     decode_raw,
     encode_tensor,
     tensor_view,
+    to_integers,
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -423,12 +424,13 @@ def _decode_input(
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(_dimension(d) for d in shape)
     ):
         raise BadRequest(
             f"input {quote(name)}: shape must be an array of at most {MAX_DIMS} non-negative "
             f"integers, got {quote(shape)}"
         )
+    extent = check_dims(shape, (name, "shape"))  # 422: a shape torch cannot hold
     datatype = item.get("datatype")
     if datatype not in DATATYPES:
         raise BadRequest(
@@ -452,7 +454,7 @@ def _decode_input(
             raise BadRequest(
                 f"input {quote(name)} has neither data nor parameters.binary_data_size"
             )
-        return name, _decode_json_data(name, item["data"], shape, dtype, budget), 0
+        return name, _decode_json_data(name, item["data"], shape, extent, dtype, budget), 0
     if "data" in item:
         raise BadRequest(f"input {quote(name)} has both data and parameters.binary_data_size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -460,7 +462,7 @@ def _decode_input(
             f"input {quote(name)}: binary_data_size must be a non-negative integer, "
             f"got {quote(size)}"
         )
-    budget.take(name, numel)
+    budget.take(name, numel, extent)
     itemsize = 1 if dtype == torch.bool else torch.empty((), dtype=dtype).element_size()
     if size != numel * itemsize:
         raise BadRequest(
@@ -479,8 +481,21 @@ def _decode_input(
     return name, tensor, size
 
 
+def _dimension(value: Any) -> bool:
+    """A non-negative integer; or one past int64 that JSON parsing made a double
+    (check_dims refuses it as outside int64, with a 422)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value >= 0
+    return isinstance(value, float) and value >= 2**63
+
+
 def _decode_json_data(
-    name: str, data: Any, shape: list[int], dtype: torch.dtype, budget: ElementBudget
+    name: str,
+    data: Any,
+    shape: list[int],
+    extent: int,
+    dtype: torch.dtype,
+    budget: ElementBudget,
 ) -> torch.Tensor:
     """JSON ``data`` (flat or nested, row-major) -> a tensor of ``shape`` and ``dtype``."""
     if dtype.is_floating_point:
@@ -492,18 +507,13 @@ def _decode_json_data(
                 raise invalid(name, "expected booleans (true/false or 1/0)")
             tensor = raw != 0
         else:
-            tensor = coerce_role(
-                raw, field=name, role="index", float_dtype=torch.float64, explicit=True
-            )
-            info = torch.iinfo(dtype)
-            if tensor.numel() and (tensor.min() < info.min or tensor.max() > info.max):
-                raise invalid(name, f"values out of range for {DATATYPE_NAMES[dtype]}")
-            tensor = tensor.to(dtype)
+            tensor = to_integers(raw, name, dtype, f"{DATATYPE_NAMES[dtype]} integers")
     if tensor.numel() != math.prod(shape):
         raise BadRequest(
             f"input {quote(name)}: shape {shape} takes {math.prod(shape)} elements, "
             f"data holds {tensor.numel()}"
         )
+    budget.take(name, 0, extent)  # the data's elements are counted; the shape's span too
     return tensor.reshape(shape)
 
 
