@@ -55,6 +55,9 @@ INTEGER_RANGES: dict[torch.dtype, tuple[int, int]] = {
 # and its size in bytes (8 per element at most) then fit in int64, as torch
 # and numpy need even when a zero dimension leaves it without elements.
 MAX_EXTENT = 2**60
+# The nested JSON of a tensor without elements still holds one [] per row
+# before its first zero dimension; more rows than this are refused (413).
+MAX_NESTED_EMPTY_ROWS = 2**26
 # Every integer up to this magnitude is exact in a double (float64).
 _EXACT_IN_DOUBLE = 2**53
 _FORM_KEYS = frozenset({"shape", "dtype", "data", "b64"})
@@ -457,7 +460,9 @@ def _from_array(
 
 
 def encode_tensor(tensor: torch.Tensor, encoding: Encoding) -> Any:
-    """A tensor -> its wire form in the requested encoding."""
+    """A tensor -> its wire form in the requested encoding. Never fails for a
+    tensor torch made: no numpy array is built for one without elements, and
+    a 0-dim tensor is a bare number in the nested form."""
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
@@ -473,6 +478,8 @@ def encode_tensor(tensor: torch.Tensor, encoding: Encoding) -> Any:
             "dtype": dtype_name(tensor.dtype),
             "data": _jsonable(tensor.reshape(-1)),
         }
+    if tensor.dim() == 0:
+        return encode_scalar(tensor)
     return _jsonable(tensor)
 
 
@@ -486,10 +493,15 @@ def encode_scalar(tensor: torch.Tensor) -> float | int | bool | str:
 
 def tensor_view(tensor: torch.Tensor) -> memoryview:
     """Little-endian row-major bytes of a CPU tensor, without a copy when it is
-    contiguous (the view keeps the tensor's memory alive)."""
-    flat = tensor.contiguous().reshape(-1)
+    contiguous (the view keeps the tensor's memory alive). Any layout: empty,
+    strided, expanded, or a size-1 dimension with any stride."""
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    flat = tensor.reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
+    if flat.stride(0) != 1:  # a strided view, or one element at any stride
+        flat = flat.clone(memory_format=torch.contiguous_format)
     return flat.view(torch.uint8).numpy().data
 
 
@@ -497,12 +509,28 @@ def _jsonable(tensor: torch.Tensor) -> Any:
     """Nested JSON for a tensor, written by orjson from the numpy buffer (no
     Python object per element). Floats are written as the exact float64 value
     of each element, as ``tensor.tolist()`` would give them."""
+    if tensor.numel() == 0:
+        return orjson.Fragment(_empty_nested(list(tensor.shape)))
     if tensor.is_floating_point():
-        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        if not bool(torch.isfinite(tensor).all()):
             return _strings_for_nonfinite(tensor.tolist())
         tensor = tensor.to(torch.float64)
     array = np.ascontiguousarray(tensor.numpy())
     return orjson.Fragment(orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+def _empty_nested(shape: list[int]) -> bytes:
+    """The nested JSON of a tensor without elements: one [] per row before its
+    first zero dimension (what comes after a zero dimension writes nothing)."""
+    first_zero = shape.index(0)
+    rows = math.prod(shape[:first_zero])
+    if rows > MAX_NESTED_EMPTY_ROWS:
+        raise PayloadTooLarge(
+            f"a result of shape {shape} has no elements, but its nested JSON would hold {rows} "
+            f'empty arrays (more than {MAX_NESTED_EMPTY_ROWS}); ask for encoding "flat" or "b64"'
+        )
+    empty = np.empty(shape[: first_zero + 1], np.float64)
+    return orjson.dumps(empty, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _strings_for_nonfinite(data: Any) -> Any:

@@ -280,6 +280,17 @@ def build_cases() -> list[Case]:
     add(
         Case(
             "margin_ranking_loss",
+            "0-dim",  # 0-dim gradients are bare numbers in the nested encoding
+            {
+                "input1": torch.tensor(0.3),
+                "input2": torch.tensor(-0.2),
+                "target": torch.tensor(-1.0),
+            },
+        )
+    )
+    add(
+        Case(
+            "margin_ranking_loss",
             "margin",
             {"input1": _randn(g, n), "input2": _randn(g, n), "target": _signs(g, n)},
             {"margin": 0.1},

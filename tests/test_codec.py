@@ -18,6 +18,7 @@ from service.tensors import (
     decode_tensor,
     encode_scalar,
     encode_tensor,
+    tensor_view,
 )
 from tests.cases import assert_same
 
@@ -136,6 +137,55 @@ def test_a_zero_dimension_does_not_hide_the_others_from_the_budget() -> None:
     with pytest.raises(PayloadTooLarge, match="no elements but spans 1099511627776"):
         decode({"shape": [2**40, 0], "data": []}, limit=2**26)
     assert decode({"shape": [1000, 0], "b64": ""}).shape == (1000, 0)
+
+
+@pytest.mark.parametrize("encoding", ["nested", "flat", "b64"])
+def test_encoding_never_fails_for_a_tensor_torch_made(encoding: str) -> None:
+    # numpy refuses an array this large even without elements
+    huge_empty = torch.empty([0, 2**62])
+    wire = as_json(encode_tensor(huge_empty, encoding))  # type: ignore[arg-type]
+    if encoding == "nested":
+        assert wire == []
+    else:
+        assert wire["shape"] == [0, 2**62]
+    assert as_json(encode_tensor(torch.empty(3, 0, 2**50), "nested")) == [[], [], []]
+
+
+def test_nested_encoding_of_too_many_empty_rows_is_refused() -> None:
+    with pytest.raises(PayloadTooLarge, match='"flat" or "b64"'):
+        encode_tensor(torch.empty(2**27, 0), "nested")
+    assert encode_tensor(torch.empty(2**27, 0), "flat")["shape"] == [2**27, 0]
+
+
+def test_nested_encoding_of_a_0_dim_tensor_is_a_bare_number() -> None:
+    assert encode_tensor(torch.tensor(0.5), "nested") == 0.5
+    assert encode_tensor(torch.tensor(float("-inf")), "nested") == "-Infinity"
+    assert encode_tensor(torch.tensor(3), "nested") == 3
+    assert encode_tensor(torch.tensor(True), "nested") is True
+    assert encode_tensor(torch.tensor(0.5), "flat")["data"] is not None
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        torch.empty(0),
+        torch.empty(0, 3).t(),
+        torch.arange(12.0)[::3],
+        torch.arange(12.0).reshape(3, 4)[:, 1:2],  # one element per row, stride 4
+        torch.arange(12.0).reshape(3, 4)[1:2, 2],  # one element at stride 4
+        torch.tensor(2.5),
+        torch.tensor([1.0, 2.0]).expand(3, 2),
+        torch.arange(6).reshape(2, 3).t(),
+        torch.tensor([True, False, True])[::2],
+        torch.arange(4, dtype=torch.bfloat16)[1::2],
+    ],
+)
+def test_tensor_view_is_the_row_major_bytes_of_any_layout(source: torch.Tensor) -> None:
+    fresh = torch.tensor(source.tolist(), dtype=source.dtype).reshape(-1)  # a new, dense copy
+    if fresh.dtype == torch.bool:
+        fresh = fresh.to(torch.uint8)
+    raw = fresh.view(torch.uint8).numpy().tobytes() if fresh.numel() else b""
+    assert bytes(tensor_view(source)) == raw
 
 
 # --------------------------------------------------------------------------- numbers

@@ -139,6 +139,24 @@ def test_grad_output_input_and_grad_list(client: TestClient) -> None:
     assert result["grad_target"]["data"] == expected.tolist()
 
 
+def test_empty_grad_output(client: TestClient) -> None:
+    body = {
+        "inputs": [
+            tensor("input", [0], "FP32", []),
+            tensor("target", [0], "FP32", []),
+            tensor("grad_output", [0], "FP32", []),
+        ],
+        "parameters": {"reduction": "none", "grad": True},
+    }
+    result = outputs(infer(client, body, "mse_loss"))
+    assert result["loss"]["shape"] == [0] and result["grad_input"]["shape"] == [0]
+    body["parameters"]["binary_data_output"] = True  # type: ignore[index]
+    response = infer(client, body, "mse_loss")
+    assert response.status_code == 200 and response.headers[HEADER]
+    wrong = {**body, "inputs": [*body["inputs"][:2], tensor("grad_output", [1], "FP32", [1])]}
+    assert "grad_output" in error(infer(client, wrong, "mse_loss"), 422)
+
+
 def test_number_argument_as_parameter(client: TestClient) -> None:
     body = {
         "inputs": [tensor("input", [2], "FP32", [1, 2]), tensor("target", [2], "FP32", [1.5, 1])],
