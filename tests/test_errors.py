@@ -316,6 +316,36 @@ BAD: list[tuple[str, str, dict[str, object], int, tuple[object, ...], str]] = [
         ("target",),
         "got 9223372036854775808",
     ),
+    (
+        "ignore_index past int64",
+        CE,
+        {**GOOD, "ignore_index": 2**63},
+        422,
+        ("ignore_index",),
+        "less than or equal to 9223372036854775807",
+    ),
+    (
+        "blank past int64",
+        "/v1/losses/ctc_loss",
+        {
+            "log_probs": [[[-1.0, -1.0]]] * 3,
+            "targets": [[1]],
+            "input_lengths": [3],
+            "target_lengths": [1],
+            "blank": 2**63,
+        },
+        422,
+        ("blank",),
+        "less than or equal to 9223372036854775807",
+    ),
+    (
+        "grad_output with an empty grad list",
+        CE,
+        {**GOOD, "grad": [], "grad_output": "garbage"},
+        422,
+        ("grad_output",),
+        "only used with grad",
+    ),
 ]
 
 
