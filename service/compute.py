@@ -344,6 +344,21 @@ def _torch_error(
                 )
             ]
         )
+    weight, input = tensors.get("weight"), tensors.get("input")
+    if (
+        message.startswith("Weights and input must have the same size")
+        and isinstance(weight, torch.Tensor)
+        and isinstance(input, torch.Tensor)
+    ):  # l1_loss, mse_loss, huber_loss: an elementwise weight is not broadcast
+        return InvalidPayload(
+            [
+                FieldError(
+                    (*loc, "weight"),
+                    f"expected shape {list(input.shape)} (same as input: torch does not "
+                    f"broadcast this weight), got {list(weight.shape)}",
+                )
+            ]
+        )
     return InvalidPayload(
         [FieldError(loc, f"torch.nn.functional.{spec.name} rejected the arguments: {message}")]
     )

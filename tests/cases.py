@@ -261,6 +261,11 @@ def build_cases() -> list[Case]:
             {"p": 2, "margin": 0.5},
         )
     )
+    add(  # torch takes target [1] for an unbatched (C) input
+        Case(
+            "multi_margin_loss", "unbatched_target_1", {"input": _randn(g, c), "target": target[:1]}
+        )
+    )
     add(
         Case(
             "hinge_embedding_loss",
@@ -375,6 +380,18 @@ def build_cases() -> list[Case]:
             {
                 "log_probs": log_probs,
                 "targets": padded,
+                "input_lengths": torch.tensor([12, 10, 11, 8]),
+                "target_lengths": lengths,
+            },
+        )
+    )
+    add(
+        Case(
+            "ctc_loss",
+            "padded_past_lengths",  # torch reads no target past its length: any padding
+            {
+                "log_probs": log_probs,
+                "targets": torch.where(torch.arange(s) < lengths.reshape(-1, 1), padded, -1),
                 "input_lengths": torch.tensor([12, 10, 11, 8]),
                 "target_lengths": lengths,
             },

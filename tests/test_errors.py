@@ -346,6 +346,34 @@ BAD: list[tuple[str, str, dict[str, object], int, tuple[object, ...], str]] = [
         ("grad_output",),
         "only used with grad",
     ),
+    (
+        "multi_margin_loss over an empty batch with mean",
+        "/v1/losses/multi_margin_loss",
+        {"input": {"shape": [0, 3], "data": []}, "target": {"shape": [0], "data": []}},
+        422,
+        ("input",),
+        "empty batch",
+    ),
+    (
+        "multilabel_margin_loss over an empty batch with sum",
+        "/v1/losses/multilabel_margin_loss",
+        {
+            "input": {"shape": [0, 3], "data": []},
+            "target": {"shape": [0, 3], "data": []},
+            "reduction": "sum",
+        },
+        422,
+        ("input",),
+        "uninitialised memory",
+    ),
+    (
+        "an elementwise weight is not broadcast",
+        "/v1/losses/l1_loss",
+        {"input": [[1.0, 2.0], [3.0, 4.0]], "target": [[0.0, 0.0], [0.0, 0.0]], "weight": [1, 2]},
+        422,
+        ("weight",),
+        "expected shape [2, 2] (same as input",
+    ),
 ]
 
 
