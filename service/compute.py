@@ -28,6 +28,7 @@ from service.tensors import (
     dtype_name,
     encode_scalar,
     encode_tensor,
+    has_fractions,
 )
 
 # Errors torch raises for argument combinations it does not accept.
@@ -209,7 +210,11 @@ def decode_arguments(
         if arg.role == "class_target":
             input = tensors["input"]
             assert isinstance(input, torch.Tensor)
-            role = "float" if list(raw.shape) == list(input.shape) else "index"
+            # probabilities: input's shape, or fractions (no class index) at input's rank
+            probabilities = list(raw.shape) == list(input.shape) or (
+                raw.dim() == input.dim() and has_fractions(raw)
+            )
+            role = "float" if probabilities else "index"
         tensors[arg.name] = coerce_role(
             raw, field=arg.name, role=role, float_dtype=float_dtype, explicit=explicit
         )

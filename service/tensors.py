@@ -249,6 +249,15 @@ def to_integers(
     return tensor.to(dtype)
 
 
+def has_fractions(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds a finite value that is not an integer (so it
+    cannot be class indices)."""
+    if not tensor.is_floating_point() or not tensor.numel():
+        return False
+    finite = tensor[torch.isfinite(tensor)]
+    return bool((finite != finite.round()).any())
+
+
 def _decode_object(
     value: dict[str, Any],
     field: str,

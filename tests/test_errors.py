@@ -367,6 +367,14 @@ BAD: list[tuple[str, str, dict[str, object], int, tuple[object, ...], str]] = [
         "uninitialised memory",
     ),
     (
+        "class probabilities of the wrong shape",
+        CE,
+        {"input": [[1.0, 2.0]], "target": [[0.5, 0.25, 0.25]]},
+        422,
+        ("target",),
+        "expected shape [1, 2] for class probabilities (input's shape",
+    ),
+    (
         "an elementwise weight is not broadcast",
         "/v1/losses/l1_loss",
         {"input": [[1.0, 2.0], [3.0, 4.0]], "target": [[0.0, 0.0], [0.0, 0.0]], "weight": [1, 2]},

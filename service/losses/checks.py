@@ -98,7 +98,12 @@ def class_target(tensors: Tensors, options: Mapping[str, Any]) -> None:
         index_shape = [input.shape[0], *input.shape[2:]]
         words = "(N)" if input.dim() == 2 else "(N, d1, ...)"
     if target.is_floating_point():
-        expect_shape("target", target, shape(input), "(class probabilities)", "input", input)
+        if shape(target) != shape(input):
+            raise invalid(
+                "target",
+                f"expected shape {shape(input)} for class probabilities (input's shape; "
+                f"class indices would be integers of shape {index_shape}), got {shape(target)}",
+            )
         return
     if not (input.dim() == 1 and shape(target) == [1]):  # torch takes [1] for [] here
         expect_shape("target", target, index_shape, words, "input", input)
