@@ -706,7 +706,11 @@ def _model(name: str, version: str) -> LossSpec:
 async def serve_infer(request: Request, spec: LossSpec) -> Response:
     rt = runtime(request)
     declared = request_header(request, HEADER_LENGTH_KEY)
-    align = int(declared) if declared and declared.isdigit() and len(declared) < 19 else 0
+    align = (  # ASCII digits only: "²" is a digit too, and int() refuses it
+        int(declared)
+        if declared and declared.isascii() and declared.isdigit() and len(declared) < 19
+        else 0
+    )
     body = await read_body(request, rt.settings.max_body_bytes, align=align)
     content, length, timings = await rt.run(
         infer,
