@@ -30,6 +30,7 @@ from service.tensors import (
     dtype_name,
     encode_scalar,
     encode_tensor,
+    has_fractions,
 )
 
 T = TypeVar("T")
@@ -346,7 +347,11 @@ def decode_arguments(
         if arg.role == "class_target":
             input = tensors["input"]
             assert isinstance(input, torch.Tensor)
-            role = "float" if list(raw.shape) == list(input.shape) else "index"
+            # probabilities: input's shape, or fractions (no class index) at input's rank
+            probabilities = list(raw.shape) == list(input.shape) or (
+                raw.dim() == input.dim() and has_fractions(raw)
+            )
+            role = "float" if probabilities else "index"
         tensors[arg.name] = coerce_role(
             raw, field=arg.name, role=role, float_dtype=float_dtype, explicit=explicit
         )
@@ -491,6 +496,21 @@ def _torch_error(
                     (*loc, "dtype"),
                     f"torch does not support {spec.name} for dtype {', '.join(dtypes)}{where}: "
                     f"{message}",
+                )
+            ]
+        )
+    weight, input = tensors.get("weight"), tensors.get("input")
+    if (
+        message.startswith("Weights and input must have the same size")
+        and isinstance(weight, torch.Tensor)
+        and isinstance(input, torch.Tensor)
+    ):  # l1_loss, mse_loss, huber_loss: an elementwise weight is not broadcast
+        return InvalidPayload(
+            [
+                FieldError(
+                    (*loc, "weight"),
+                    f"expected shape {list(input.shape)} (same as input: torch does not "
+                    f"broadcast this weight), got {list(weight.shape)}",
                 )
             ]
         )

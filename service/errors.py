@@ -6,14 +6,69 @@ RFC 9457 problem details (v1) and ``{"error": ...}`` bodies (v2).
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+# What an error may repeat of the client's input. A message quotes at most
+# QUOTE_LIMIT characters of any value (``quote``); whatever builds a message,
+# no detail, msg or loc part is kept longer than MESSAGE_LIMIT, and a problem
+# lists at most MAX_ERRORS field errors: a 50 MB string in a body must not come
+# back as a 100 MB error.
+QUOTE_LIMIT = 200
+MESSAGE_LIMIT = 2000
+MAX_ERRORS = 50
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = QUOTE_LIMIT
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 10
+
+
+def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters of it.
+
+    Long strings and containers are cut before anything is formatted (a
+    value's repr is never built in full, so no size or nesting depth of a
+    client value costs more than ``limit``), and a cut says how long the
+    value was.
+    """
+    if isinstance(value, str | bytes | bytearray):
+        text, total = repr(value[:limit]), len(value)
+        unit, shown = ("characters" if isinstance(value, str) else "bytes"), limit
+    else:
+        try:
+            text = _REPR.repr(value)
+        except (ValueError, RecursionError):  # an int of more digits than str() allows
+            text = f"<{type(value).__name__}>"
+        total = len(value) if isinstance(value, list | tuple | dict) else 0
+        unit, shown = "items", _REPR.maxlist
+    if len(text) <= limit and total <= shown:
+        return text
+    return f"{text[:limit]}... ({total} {unit} in all)" if total else f"{text[:limit]}..."
+
+
+def clip(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """A message as kept: at most ``limit`` characters, saying where it was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters in all)"
+
+
+def _clip_loc(part: str | int) -> str | int:
+    return clip(part, QUOTE_LIMIT) if isinstance(part, str) else part
 
 
 @dataclass(frozen=True)
 class FieldError:
     loc: tuple[str | int, ...]
     msg: str
+
+    def __post_init__(self) -> None:
+        # field names can be client keys (an unknown field of any length)
+        object.__setattr__(self, "loc", tuple(_clip_loc(p) for p in self.loc[:100]))
+        object.__setattr__(self, "msg", clip(self.msg))
 
     def text(self) -> str:
         where = ".".join(str(p) for p in self.loc if p != "body")
@@ -32,6 +87,7 @@ class ServiceError(Exception):
         errors: Sequence[FieldError] = (),
         headers: dict[str, str] | None = None,
     ) -> None:
+        detail = clip(detail)
         super().__init__(detail)
         self.detail = detail
         self.errors = list(errors)
@@ -79,6 +135,9 @@ class InvalidPayload(ServiceError):
     def __init__(self, errors: Sequence[FieldError], *, detail: str | None = None) -> None:
         if not errors:
             raise ValueError("InvalidPayload needs at least one FieldError")
+        if len(errors) > MAX_ERRORS:
+            more = FieldError(errors[0].loc[:1], f"and {len(errors) - MAX_ERRORS} more errors")
+            errors = [*errors[:MAX_ERRORS], more]
         super().__init__(detail or errors[0].text(), errors=errors)
 
 

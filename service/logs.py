@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -34,8 +35,46 @@ class AccessLog:
         if self.json:
             return orjson.dumps({"ts": ts, "level": "info", "logger": "loss_service.access",
                                  "msg": "request", **fields}) + b"\n"  # fmt: skip
-        pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+        pairs = " ".join(f"{k}={logfmt(v)}" for k, v in fields.items())
         return f"{ts} INFO loss_service.access request {pairs}\n".encode()
+
+
+# A value is written bare only when it cannot be read as more than one value:
+# no space, quote, "=", backslash, and nothing that is not printable (control
+# characters, line and paragraph separators).
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+_BARE_TYPES = (int, float, bool)
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def logfmt(value: Any) -> str:
+    """One value of a key=value text line (logfmt): bare when that is
+    unambiguous, else in double quotes with backslash escapes, so a value
+    (a client's request id, a path) can never forge another field or line."""
+    if value is None or type(value) in _BARE_TYPES:
+        return str(value)
+    text = str(value)
+    if text and text.isprintable() and not _NEEDS_QUOTES.search(text):
+        return text
+    return '"' + "".join(_escape(c) for c in text) + '"'
+
+
+def _escape(char: str) -> str:
+    escaped = _ESCAPES.get(char)
+    if escaped is not None:
+        return escaped
+    if char.isprintable() or char == " ":
+        return char
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def _message(text: str) -> str:
+    """A log message as free text, quoted like a value when it could be read
+    as fields (an "=") or as more than one line."""
+    if text.isprintable() and "=" not in text and '"' not in text:
+        return text
+    return logfmt(text)
 
 
 def _write_stderr(data: bytes) -> None:
@@ -61,8 +100,9 @@ class JSONFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
-        text = f"{self.formatTime(record)} {record.levelname} {record.name} {record.getMessage()}"
+        fields = " ".join(f"{k}={logfmt(v)}" for k, v in getattr(record, "fields", {}).items())
+        message = _message(record.getMessage())
+        text = f"{self.formatTime(record)} {record.levelname} {record.name} {message}"
         text = f"{text} {fields}" if fields else text
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)

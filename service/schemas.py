@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model
 
 from service.dtypes import DTYPES
-from service.errors import FieldError, InvalidPayload
+from service.errors import FieldError, InvalidPayload, quote
 from service.losses import LOSSES, LossSpec
 from service.tensors import FLOAT_DTYPES
 
@@ -61,6 +61,7 @@ EncodingName = Literal["nested", "flat", "b64"]
 assert set(FloatDType.__args__) == set(FLOAT_DTYPES)  # type: ignore[attr-defined]
 
 DEPRECATED_OPTIONS = ("size_average", "reduce")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class LossRequestBase(BaseModel):
@@ -107,9 +108,13 @@ def request_model(spec: LossSpec) -> type[LossRequestBase]:
         annotation = TensorIn if arg.required else TensorIn | None
         fields[arg.name] = (annotation, Field(default, description=text))
     for option in spec.options:
+        ge, le = option.ge, option.le
+        if option.type is int and option.choices is None:  # torch takes an int64
+            ge = INT64_MIN if ge is None else ge
+            le = INT64_MAX if le is None else le
         fields[option.name] = (
             _option_type(option),
-            Field(option.default, description=option.description, ge=option.ge, le=option.le),
+            Field(option.default, description=option.description, ge=ge, le=le),
         )
     fields["reduction"] = (
         Literal[spec.reductions],
@@ -141,9 +146,20 @@ def parse_request(spec: LossSpec, body: Any, loc: tuple[str | int, ...] = ("body
             ]
         )
     try:
-        return request_model(spec).model_validate(body)
+        request = request_model(spec).model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc, loc) from None
+    if request.grad_output is not None and not request.grad:  # false, or []
+        raise InvalidPayload(
+            [
+                FieldError(
+                    (*loc, "grad_output"),
+                    "grad_output is only used with grad (the upstream gradient of the "
+                    "gradients asked for); ask for gradients or leave it out",
+                )
+            ]
+        )
+    return request
 
 
 def validation_error(exc: ValidationError, loc: tuple[str | int, ...]) -> InvalidPayload:
@@ -153,8 +169,7 @@ def validation_error(exc: ValidationError, loc: tuple[str | int, ...]) -> Invali
         if e["type"] == "extra_forbidden":
             msg = "unknown field for this loss"
         elif e["type"] != "missing" and "input" in e:
-            shown = repr(e["input"])
-            msg = f"{msg}, got {shown if len(shown) <= 60 else shown[:57] + '...'}"
+            msg = f"{msg}, got {quote(e['input'], 60)}"
         errors.append(FieldError((*loc, *e["loc"]), msg))
     return InvalidPayload(errors)
 

@@ -26,8 +26,16 @@ import pybase64
 import torch
 
 from service.dtypes import DTYPE_NAMES, DTYPES
-from service.errors import PayloadTooLarge, invalid
-from service.fastjson import NumericArray
+from service.errors import PayloadTooLarge, invalid, quote
+from service.fastjson import MAX_DIMS as MAX_DIMS  # re-exported: the codec's limit
+from service.fastjson import NONFINITE_IN as NONFINITE_IN
+from service.fastjson import (
+    ArrayError,
+    InvalidArray,
+    NumericArray,
+    json_type,
+    read_numbers,
+)
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -37,10 +45,23 @@ Encoding = Literal["nested", "flat", "b64"]
 
 FLOAT_DTYPES: dict[str, torch.dtype] = {k: v for k, v in DTYPES.items() if v.is_floating_point}
 INTEGER_DTYPES = frozenset({torch.int64, torch.int32, torch.uint8})
+INTEGER_RANGES: dict[torch.dtype, tuple[int, int]] = {
+    torch.int64: (-(2**63), 2**63 - 1),
+    torch.int32: (-(2**31), 2**31 - 1),
+    torch.uint8: (0, 255),
+}
 
-MAX_DIMS = 64
-NONFINITE_IN: dict[str, float] = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+# A tensor's dimensions, zeros aside, multiply to less than this: its strides
+# and its size in bytes (8 per element at most) then fit in int64, as torch
+# and numpy need even when a zero dimension leaves it without elements.
+MAX_EXTENT = 2**60
+# The nested JSON of a tensor without elements still holds one [] per row
+# before its first zero dimension; more rows than this are refused (413).
+MAX_NESTED_EMPTY_ROWS = 2**26
+# Every integer up to this magnitude is exact in a double (float64).
+_EXACT_IN_DOUBLE = 2**53
 _FORM_KEYS = frozenset({"shape", "dtype", "data", "b64"})
+_FLAT = "expected a flat array of numbers, got a nested array"
 
 
 class ElementBudget:
@@ -56,10 +77,16 @@ class ElementBudget:
     def for_request(cls, settings: Settings) -> ElementBudget:
         return cls(settings.max_tensor_elements, settings.max_elements_per_tensor)
 
-    def take(self, field: str, count: int) -> None:
-        if count > self.per_tensor:
+    def take(self, field: str, count: int, extent: int | None = None) -> None:
+        """``count`` elements for ``field``. ``extent``, the product of its
+        dimensions with zeros left out, is what the per-tensor limit weighs
+        when given: a [0, 2**40] tensor holds nothing but is no small tensor
+        (its nested JSON, a reduction over its empty dimension)."""
+        span = count if extent is None else max(count, extent)
+        if span > self.per_tensor:
+            what = f"{count} elements" if span == count else f"no elements but spans {span}"
             raise PayloadTooLarge(
-                f"{field}: {count} elements, more than the limit of {self.per_tensor} per tensor "
+                f"{field}: {what}, more than the limit of {self.per_tensor} per tensor "
                 "(LOSS_SERVICE_MAX_ELEMENTS_PER_TENSOR)"
             )
         self.used += count
@@ -68,6 +95,28 @@ class ElementBudget:
                 f"{field}: the request's tensors hold more than {self.limit} elements "
                 f"in all (limit LOSS_SERVICE_MAX_TENSOR_ELEMENTS)"
             )
+
+
+def check_dims(shape: list[int], loc: str | tuple[str | int, ...]) -> int:
+    """A shape's extent (the product of its non-zero dimensions), or a 422 at
+    ``loc`` when a dimension is outside int64 (also one that JSON parsing made
+    a double) or they multiply past MAX_EXTENT."""
+    extent = 1
+    for index, size in enumerate(shape):
+        if size >= 2**63:
+            raise invalid(
+                loc,
+                f"dimension {index} is {int(size)}, outside int64: each dimension must be a "
+                "non-negative integer below 2**63",
+            )
+        extent *= max(size, 1)
+        if extent >= MAX_EXTENT:
+            raise invalid(
+                loc,
+                f"the dimensions {quote(shape)} overflow: leaving out zeros, they must "
+                "multiply to less than 2**60",
+            )
+    return extent
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -105,7 +154,9 @@ def decode_raw(
     (an object form with a ``dtype``)."""
     if isinstance(value, NumericArray):
         budget.take(field, value.flat.size)
-        tensor, explicit = _from_numeric(value, _wire_dtype(role, float_dtype)), False
+        tensor, explicit = _from_numeric(value, (field,), _wire_dtype(role, float_dtype)), False
+    elif isinstance(value, InvalidArray):
+        raise invalid(field, value.reason)
     elif isinstance(value, dict):
         tensor, explicit = (
             _decode_object(value, field, role, float_dtype, budget),
@@ -117,7 +168,7 @@ def decode_raw(
         raise invalid(
             field,
             "expected a tensor: a number, a nested array of numbers, or an object "
-            f'{{"shape", "dtype", "data" | "b64"}}, got {_json_type(value)}',
+            f'{{"shape", "dtype", "data" | "b64"}}, got {json_type(value)}',
         )
     return tensor, explicit
 
@@ -133,7 +184,8 @@ def coerce_role(
     """Give a decoded tensor the dtype of its role.
 
     A float-role tensor sent with an explicit dtype keeps it (it must be a
-    float dtype); an index-role tensor becomes int64 and must be integral.
+    float dtype); an index-role tensor becomes int64 and must hold integers
+    that int64 holds (never wrapped).
     """
     if role == "float":
         if tensor.is_floating_point():
@@ -146,19 +198,64 @@ def coerce_role(
             )
         return tensor.to(float_dtype)
     if role == "index":
-        if tensor.dtype == torch.int64:
-            return tensor
-        if tensor.dtype in INTEGER_DTYPES:
-            return tensor.to(torch.int64)
-        if tensor.is_floating_point():
-            if tensor.numel() and not bool(torch.isfinite(tensor).all()):
-                raise invalid(field, "expected integer indices, got a non-finite value")
-            if tensor.numel() and not bool((tensor == tensor.round()).all()):
-                bad = tensor[tensor != tensor.round()][0].item()
-                raise invalid(field, f"expected integer indices, got the fractional value {bad}")
-            return tensor.to(torch.int64)
-        raise invalid(field, f"expected integer indices, got dtype {dtype_name(tensor.dtype)}")
+        if tensor.dtype == torch.bool:
+            raise invalid(field, "expected integer indices, got dtype bool")
+        return to_integers(tensor, field, torch.int64, "integer indices")
     return tensor
+
+
+def to_integers(
+    tensor: torch.Tensor, loc: str | tuple[str | int, ...], dtype: torch.dtype, what: str
+) -> torch.Tensor:
+    """``tensor`` as ``dtype`` (int64, int32 or uint8), or a 422 at ``loc`` for
+    a value that is not an integer or lies outside the dtype's range: a JSON
+    number is never truncated or wrapped into an index."""
+    if tensor.dtype == dtype:
+        return tensor
+    if tensor.numel() and tensor.is_floating_point():
+        if not bool(torch.isfinite(tensor).all()):
+            raise invalid(loc, f"expected {what}, got a non-finite value")
+        fractional = tensor != tensor.round()
+        if bool(fractional.any()):
+            raise invalid(
+                loc, f"expected {what}, got the fractional value {tensor[fractional][0].item()}"
+            )
+    low, high = INTEGER_RANGES[dtype]
+    if tensor.is_floating_point():
+        # As floats: 2**63 is exact there, where 2**63 - 1 would round up to it.
+        # Past 2**53 a double holds no exact integer: a JSON number read as one
+        # (written with a fraction or exponent, or an integer past int64) may
+        # not be what was sent; -2**63 - 1 reads as -2**63, a valid index.
+        below = tensor < float(max(low, -_EXACT_IN_DOUBLE))
+        above = tensor > _EXACT_IN_DOUBLE if high > _EXACT_IN_DOUBLE else tensor >= float(high + 1)
+        outside = below | above
+    elif tensor.dtype != torch.bool and (
+        torch.iinfo(tensor.dtype).min < low or torch.iinfo(tensor.dtype).max > high
+    ):
+        outside = (tensor < low) | (tensor > high)  # narrowing: the bounds fit the source
+    else:
+        outside = None
+    if outside is not None and tensor.numel() and bool(outside.any()):
+        bad = int(tensor[outside][0].item())
+        if low <= bad <= high:
+            raise invalid(
+                loc,
+                f"expected {what}, got {bad}: past 2**53 an index must be a JSON integer "
+                "within int64 (this one was read as a double, which does not hold it exactly)",
+            )
+        raise invalid(
+            loc, f"expected {what} within {dtype_name(dtype)}'s range [{low}, {high}], got {bad}"
+        )
+    return tensor.to(dtype)
+
+
+def has_fractions(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds a finite value that is not an integer (so it
+    cannot be class indices)."""
+    if not tensor.is_floating_point() or not tensor.numel():
+        return False
+    finite = tensor[torch.isfinite(tensor)]
+    return bool((finite != finite.round()).any())
 
 
 def _decode_object(
@@ -172,14 +269,14 @@ def _decode_object(
     if unknown:
         raise invalid(
             field,
-            f"unknown key(s) {sorted(unknown)} in a tensor object; expected "
+            f"unknown key(s) {quote(sorted(unknown))} in a tensor object; expected "
             '"shape", "dtype" and one of "data" or "b64"',
         )
     if ("data" in value) == ("b64" in value):
         raise invalid(field, 'a tensor object needs exactly one of "data" or "b64"')
-    shape = _shape(value.get("shape"), field)
+    shape = tensor_shape(value.get("shape"), (field, "shape"))
     numel = math.prod(shape)
-    budget.take(field, numel)
+    budget.take(field, numel, check_dims(shape, (field, "shape")))
 
     dtype_field = value.get("dtype")
     if dtype_field is None:
@@ -187,41 +284,41 @@ def _decode_object(
     elif isinstance(dtype_field, str) and dtype_field in DTYPES:
         dtype = DTYPES[dtype_field]
     else:
-        raise invalid((field, "dtype"), f"expected one of {', '.join(DTYPES)}, got {dtype_field!r}")
+        raise invalid(
+            (field, "dtype"), f"expected one of {', '.join(DTYPES)}, got {quote(dtype_field)}"
+        )
 
     if "b64" in value:
         return _decode_b64(value["b64"], field, shape, numel, dtype)
 
     data = value["data"]
+    loc = (field, "data")
+    if isinstance(data, InvalidArray):
+        raise invalid(loc, _FLAT if data.nested else data.reason)
     if isinstance(data, NumericArray):
         if len(data.shape) != 1:
-            raise invalid((field, "data"), "expected a flat array of numbers, got a nested array")
+            raise invalid(loc, _FLAT)
         if data.flat.size != numel:
-            raise invalid(
-                (field, "data"),
-                f"expected {numel} elements for shape {shape}, got {data.flat.size}",
-            )
-        return _from_numeric(data, dtype).reshape(shape)
+            raise invalid(loc, f"expected {numel} elements for shape {shape}, got {data.flat.size}")
+        return _from_numeric(data, loc, dtype).reshape(shape)
     if not isinstance(data, list):
-        raise invalid((field, "data"), f"expected a flat array of numbers, got {_json_type(data)}")
+        raise invalid(loc, f"expected a flat array of numbers, got {json_type(data)}")
     if len(data) != numel:
-        raise invalid(
-            (field, "data"),
-            f"expected {numel} elements for shape {shape}, got {len(data)}",
-        )
-    flat = _tensor_from_list(data, (field, "data"), dtype, flat=True)
-    if flat.dim() != 1:
-        raise invalid((field, "data"), "expected a flat array of numbers, got a nested array")
-    return flat.reshape(shape)
+        raise invalid(loc, f"expected {numel} elements for shape {shape}, got {len(data)}")
+    return _tensor_from_list(data, loc, dtype, [numel], flat=True).reshape(shape)
 
 
-def _shape(raw: Any, field: str) -> list[int]:
-    if not isinstance(raw, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw
+def tensor_shape(raw: Any, loc: str | tuple[str | int, ...]) -> list[int]:
+    """A shape as sent: an array of at most MAX_DIMS non-negative integers
+    (check_dims then says whether they fit in int64)."""
+    if (
+        not isinstance(raw, list)
+        or len(raw) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw)
     ):
-        raise invalid((field, "shape"), f"expected an array of non-negative integers, got {raw!r}")
-    if len(raw) > MAX_DIMS:
-        raise invalid((field, "shape"), f"expected at most {MAX_DIMS} dimensions, got {len(raw)}")
+        if isinstance(raw, list) and len(raw) > MAX_DIMS:
+            raise invalid(loc, f"expected at most {MAX_DIMS} dimensions, got {len(raw)}")
+        raise invalid(loc, f"expected an array of non-negative integers, got {quote(raw)}")
     return list(raw)
 
 
@@ -229,7 +326,7 @@ def _decode_b64(
     raw: Any, field: str, shape: list[int], numel: int, dtype: torch.dtype
 ) -> torch.Tensor:
     if not isinstance(raw, str):
-        raise invalid((field, "b64"), f"expected a base64 string, got {_json_type(raw)}")
+        raise invalid((field, "b64"), f"expected a base64 string, got {json_type(raw)}")
     try:
         data = pybase64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -275,8 +372,8 @@ def _decode_nested(
     budget: ElementBudget,
 ) -> torch.Tensor:
     shape = _nested_shape(value, field)
-    budget.take(field, math.prod(shape))
-    return _tensor_from_list(value, (field,), _wire_dtype(role, float_dtype), flat=False)
+    budget.take(field, math.prod(shape), math.prod(max(d, 1) for d in shape))
+    return _tensor_from_list(value, (field,), _wire_dtype(role, float_dtype), shape, flat=False)
 
 
 def _wire_dtype(role: Role, float_dtype: torch.dtype) -> torch.dtype | None:
@@ -285,13 +382,12 @@ def _wire_dtype(role: Role, float_dtype: torch.dtype) -> torch.dtype | None:
     return float_dtype if role == "float" else None
 
 
-def _from_numeric(array: NumericArray, dtype: torch.dtype | None) -> torch.Tensor:
+def _from_numeric(
+    array: NumericArray, loc: tuple[str, ...], dtype: torch.dtype | None
+) -> torch.Tensor:
     """A simdjson-decoded array -> tensor: the same values ``torch.tensor`` gives
-    for the same JSON numbers (one rounding from the parsed double)."""
-    flat = torch.from_numpy(array.flat)
-    if dtype is not None and flat.dtype != dtype:
-        flat = flat.to(dtype)
-    return flat.reshape(array.shape)
+    for the same JSON numbers."""
+    return _from_array(array.flat, loc, dtype).reshape(array.shape)
 
 
 def _nested_shape(value: Any, field: str) -> list[int]:
@@ -314,81 +410,68 @@ _NUMPY_CASTS: dict[torch.dtype | None, type[np.generic]] = {
 }
 
 
+def _exact_in_double(array: np.ndarray[Any, Any]) -> bool:
+    return not array.size or (array.max() <= _EXACT_IN_DOUBLE and array.min() >= -_EXACT_IN_DOUBLE)
+
+
 def _tensor_from_list(
-    data: Any, loc: tuple[str, ...], dtype: torch.dtype | None, *, flat: bool
+    data: Any, loc: tuple[str, ...], dtype: torch.dtype | None, shape: list[int], *, flat: bool
 ) -> torch.Tensor:
-    """Nested lists -> tensor. numpy builds the array in C (int64 when every
-    number is an integer, else float64) and the cast rounds once from that
-    double, which is what ``torch.tensor(data, dtype=dtype)`` gives; anything
-    numpy does not read as plain numbers takes torch's path and its errors."""
+    """Nested lists of ``shape`` (the first element's at each depth) -> tensor.
+
+    numpy builds the array in C when every element is a number or a boolean
+    (int64 when every number is an integer, else float64); anything else
+    (the non-finite strings, ragged rows, something that is not a number)
+    is read one element at a time into a float64 buffer, which stops at the
+    first element that is not a number in its place.
+    """
     try:
         array = np.array(data)
     except (TypeError, ValueError, OverflowError):
-        array = None  # ragged: torch's path below says where
-    if array is not None and array.dtype.kind in "if":
+        array = None  # ragged, or deeper than numpy goes: read_numbers says where
+    if array is not None and array.dtype.kind in "iufb" and (not flat or array.ndim == 1):
+        return _from_array(array, loc, dtype)
+    try:
+        numbers = read_numbers(data, shape)
+    except ArrayError as exc:
+        raise invalid(loc, _FLAT if flat and exc.nested else exc.reason) from None
+    return _from_array(numbers.reshape(shape), loc, dtype)
+
+
+def _from_array(
+    array: np.ndarray[Any, Any], loc: tuple[str, ...], dtype: torch.dtype | None
+) -> torch.Tensor:
+    """A numpy array of JSON numbers -> the tensor ``torch.tensor(numbers,
+    dtype=dtype)`` builds: every number goes through a double, as torch reads
+    a Python number, and is rounded once from it (an int64 straight to float32
+    would round differently beyond 2**53). With no dtype, integers stay int64
+    and anything else is float64."""
+    kind = array.dtype.kind
+    float_dtype = dtype is not None and dtype.is_floating_point
+    if kind in "ub" or (float_dtype and kind == "i" and not _exact_in_double(array)):
+        array = array.astype(np.float64)  # past int64, booleans, or integers past 2**53
+    if dtype is None:
+        return torch.from_numpy(array)
+    if dtype.is_floating_point:
         if dtype in _NUMPY_CASTS:  # numpy rounds double -> float32 once, as torch does
             with np.errstate(over="ignore"):  # 1e308 -> inf in float32, as in torch
                 array = array.astype(_NUMPY_CASTS[dtype], copy=False)
             return torch.from_numpy(array)
-        tensor = torch.from_numpy(array)
         # float16/bfloat16 through torch: it rounds via float32, and so must we
-        return tensor.to(dtype) if dtype is not None else tensor
-    # Only booleans, strings, ragged rows and out-of-range integers get here.
-    wire_dtype = dtype if dtype is not None else torch.float64  # coerce_role checks indices
-    try:
-        return torch.tensor(data, dtype=wire_dtype)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-        first_error = exc
-    # Slow path: non-finite strings, or something that is not a number array.
-    cleaned = _replace_nonfinite(data, loc, flat=flat)
-    try:
-        return torch.tensor(cleaned, dtype=wire_dtype)
-    except (TypeError, ValueError, RuntimeError, OverflowError):
-        raise invalid(loc, _describe_bad_array(first_error)) from None
-
-
-def _describe_bad_array(exc: Exception) -> str:
-    text = str(exc)
-    if "expected sequence of length" in text:
-        return f"ragged array: {text}; every row at one depth must have the same length"
-    return f"expected a rectangular array of numbers: {text}"
-
-
-def _replace_nonfinite(data: Any, loc: tuple[str, ...], *, flat: bool) -> Any:
-    if isinstance(data, str):
-        if data in NONFINITE_IN:
-            return NONFINITE_IN[data]
-        raise invalid(
-            loc, f'expected a number or "NaN", "Infinity", "-Infinity", got the string {data!r}'
-        )
-    if isinstance(data, list):
-        if flat and any(isinstance(x, list) for x in data):
-            raise invalid(loc, "expected a flat array of numbers, got a nested array")
-        return [_replace_nonfinite(x, loc, flat=flat) for x in data]
-    if isinstance(data, bool) or not isinstance(data, int | float):
-        raise invalid(loc, f"expected a number, got {_json_type(data)}")
-    return data
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "an array"
-    return "a number"
+        return torch.from_numpy(array).to(dtype)
+    tensor = torch.from_numpy(array)
+    if dtype == torch.bool:
+        return tensor.to(torch.bool)
+    return to_integers(tensor, loc, dtype, f"integers (dtype {dtype_name(dtype)})")
 
 
 # --------------------------------------------------------------------------- encode
 
 
 def encode_tensor(tensor: torch.Tensor, encoding: Encoding) -> Any:
-    """A tensor -> its wire form in the requested encoding."""
+    """A tensor -> its wire form in the requested encoding. Never fails for a
+    tensor torch made: no numpy array is built for one without elements, and
+    a 0-dim tensor is a bare number in the nested form."""
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
@@ -404,6 +487,8 @@ def encode_tensor(tensor: torch.Tensor, encoding: Encoding) -> Any:
             "dtype": dtype_name(tensor.dtype),
             "data": _jsonable(tensor.reshape(-1)),
         }
+    if tensor.dim() == 0:
+        return encode_scalar(tensor)
     return _jsonable(tensor)
 
 
@@ -417,10 +502,15 @@ def encode_scalar(tensor: torch.Tensor) -> float | int | bool | str:
 
 def tensor_view(tensor: torch.Tensor) -> memoryview:
     """Little-endian row-major bytes of a CPU tensor, without a copy when it is
-    contiguous (the view keeps the tensor's memory alive)."""
-    flat = tensor.contiguous().reshape(-1)
+    contiguous (the view keeps the tensor's memory alive). Any layout: empty,
+    strided, expanded, or a size-1 dimension with any stride."""
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    flat = tensor.reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
+    if flat.stride(0) != 1:  # a strided view, or one element at any stride
+        flat = flat.clone(memory_format=torch.contiguous_format)
     return flat.view(torch.uint8).numpy().data
 
 
@@ -428,12 +518,28 @@ def _jsonable(tensor: torch.Tensor) -> Any:
     """Nested JSON for a tensor, written by orjson from the numpy buffer (no
     Python object per element). Floats are written as the exact float64 value
     of each element, as ``tensor.tolist()`` would give them."""
+    if tensor.numel() == 0:
+        return orjson.Fragment(_empty_nested(list(tensor.shape)))
     if tensor.is_floating_point():
-        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        if not bool(torch.isfinite(tensor).all()):
             return _strings_for_nonfinite(tensor.tolist())
         tensor = tensor.to(torch.float64)
     array = np.ascontiguousarray(tensor.numpy())
     return orjson.Fragment(orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+def _empty_nested(shape: list[int]) -> bytes:
+    """The nested JSON of a tensor without elements: one [] per row before its
+    first zero dimension (what comes after a zero dimension writes nothing)."""
+    first_zero = shape.index(0)
+    rows = math.prod(shape[:first_zero])
+    if rows > MAX_NESTED_EMPTY_ROWS:
+        raise PayloadTooLarge(
+            f"a result of shape {shape} has no elements, but its nested JSON would hold {rows} "
+            f'empty arrays (more than {MAX_NESTED_EMPTY_ROWS}); ask for encoding "flat" or "b64"'
+        )
+    empty = np.empty(shape[: first_zero + 1], np.float64)
+    return orjson.dumps(empty, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _strings_for_nonfinite(data: Any) -> Any:

@@ -261,6 +261,11 @@ def build_cases() -> list[Case]:
             {"p": 2, "margin": 0.5},
         )
     )
+    add(  # torch takes target [1] for an unbatched (C) input
+        Case(
+            "multi_margin_loss", "unbatched_target_1", {"input": _randn(g, c), "target": target[:1]}
+        )
+    )
     add(
         Case(
             "hinge_embedding_loss",
@@ -275,6 +280,17 @@ def build_cases() -> list[Case]:
             "margin",
             {"input1": _randn(g, n, c), "input2": _randn(g, n, c), "target": _signs(g, n)},
             {"margin": 0.2},
+        )
+    )
+    add(
+        Case(
+            "margin_ranking_loss",
+            "0-dim",  # 0-dim gradients are bare numbers in the nested encoding
+            {
+                "input1": torch.tensor(0.3),
+                "input2": torch.tensor(-0.2),
+                "target": torch.tensor(-1.0),
+            },
         )
     )
     add(
@@ -364,6 +380,18 @@ def build_cases() -> list[Case]:
             {
                 "log_probs": log_probs,
                 "targets": padded,
+                "input_lengths": torch.tensor([12, 10, 11, 8]),
+                "target_lengths": lengths,
+            },
+        )
+    )
+    add(
+        Case(
+            "ctc_loss",
+            "padded_past_lengths",  # torch reads no target past its length: any padding
+            {
+                "log_probs": log_probs,
+                "targets": torch.where(torch.arange(s) < lengths.reshape(-1, 1), padded, -1),
                 "input_lengths": torch.tensor([12, 10, 11, 8]),
                 "target_lengths": lengths,
             },

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 
+import orjson
 import pytest
 import torch
 
@@ -16,7 +18,9 @@ from service.tensors import (
     decode_tensor,
     encode_scalar,
     encode_tensor,
+    tensor_view,
 )
+from tests.cases import assert_same
 
 
 def decode(
@@ -29,6 +33,11 @@ def decode(
         float_dtype=dtype,  # type: ignore[arg-type]
         budget=ElementBudget(limit),
     )
+
+
+def as_json(wire: object) -> object:
+    """A wire value (it may hold orjson fragments) as the client reads it."""
+    return orjson.loads(orjson.dumps(wire))
 
 
 def test_dtype_table_and_inverse() -> None:
@@ -91,7 +100,7 @@ def test_flat_form_checks_count_and_nesting() -> None:
 
 def test_element_budget_is_checked_before_allocating() -> None:
     with pytest.raises(PayloadTooLarge):
-        decode({"shape": [2**62, 2**62], "b64": ""}, limit=2**26)
+        decode({"shape": [2**30, 4], "b64": ""}, limit=2**26)
     with pytest.raises(PayloadTooLarge):
         decode([[0.0] * 20] * 20, limit=100)
 
@@ -99,3 +108,167 @@ def test_element_budget_is_checked_before_allocating() -> None:
 def test_empty_b64_tensor() -> None:
     t = decode({"shape": [0, 3], "dtype": "float32", "b64": base64.b64encode(b"").decode()})
     assert t.shape == (0, 3)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize(
+    ("shape", "words"),
+    [
+        ([2**63, 0], "dimension 0 is 9223372036854775808, outside int64"),
+        ([0, 2**63], "dimension 1 is 9223372036854775808, outside int64"),
+        ([0, 2**63 - 1], "overflow"),
+        ([2**40, 2**40, 2**40], "overflow"),
+        ([0, 2**31, 2**31], "overflow"),
+    ],
+)
+@pytest.mark.parametrize("form", ["data", "b64"])
+def test_dimensions_outside_int64_or_overflowing_are_422(
+    shape: list[int], words: str, form: str
+) -> None:
+    with pytest.raises(InvalidPayload, match=words) as caught:
+        decode({"shape": shape, form: [] if form == "data" else ""}, limit=2**26)
+    assert caught.value.errors[0].loc == ("body", "x", "shape")
+
+
+def test_a_zero_dimension_does_not_hide_the_others_from_the_budget() -> None:
+    # no elements, but 2**40 rows: its nested JSON alone would be terabytes
+    with pytest.raises(PayloadTooLarge, match="no elements but spans 1099511627776"):
+        decode({"shape": [2**40, 0], "data": []}, limit=2**26)
+    assert decode({"shape": [1000, 0], "b64": ""}).shape == (1000, 0)
+
+
+@pytest.mark.parametrize("encoding", ["nested", "flat", "b64"])
+def test_encoding_never_fails_for_a_tensor_torch_made(encoding: str) -> None:
+    # numpy refuses an array this large even without elements
+    huge_empty = torch.empty([0, 2**62])
+    wire = as_json(encode_tensor(huge_empty, encoding))  # type: ignore[arg-type]
+    if encoding == "nested":
+        assert wire == []
+    else:
+        assert wire["shape"] == [0, 2**62]
+    assert as_json(encode_tensor(torch.empty(3, 0, 2**50), "nested")) == [[], [], []]
+
+
+def test_nested_encoding_of_too_many_empty_rows_is_refused() -> None:
+    with pytest.raises(PayloadTooLarge, match='"flat" or "b64"'):
+        encode_tensor(torch.empty(2**27, 0), "nested")
+    assert encode_tensor(torch.empty(2**27, 0), "flat")["shape"] == [2**27, 0]
+
+
+def test_nested_encoding_of_a_0_dim_tensor_is_a_bare_number() -> None:
+    assert encode_tensor(torch.tensor(0.5), "nested") == 0.5
+    assert encode_tensor(torch.tensor(float("-inf")), "nested") == "-Infinity"
+    assert encode_tensor(torch.tensor(3), "nested") == 3
+    assert encode_tensor(torch.tensor(True), "nested") is True
+    assert encode_tensor(torch.tensor(0.5), "flat")["data"] is not None
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        torch.empty(0),
+        torch.empty(0, 3).t(),
+        torch.arange(12.0)[::3],
+        torch.arange(12.0).reshape(3, 4)[:, 1:2],  # one element per row, stride 4
+        torch.arange(12.0).reshape(3, 4)[1:2, 2],  # one element at stride 4
+        torch.tensor(2.5),
+        torch.tensor([1.0, 2.0]).expand(3, 2),
+        torch.arange(6).reshape(2, 3).t(),
+        torch.tensor([True, False, True])[::2],
+        torch.arange(4, dtype=torch.bfloat16)[1::2],
+    ],
+)
+def test_tensor_view_is_the_row_major_bytes_of_any_layout(source: torch.Tensor) -> None:
+    fresh = torch.tensor(source.tolist(), dtype=source.dtype).reshape(-1)  # a new, dense copy
+    if fresh.dtype == torch.bool:
+        fresh = fresh.to(torch.uint8)
+    raw = fresh.view(torch.uint8).numpy().tobytes() if fresh.numel() else b""
+    assert bytes(tensor_view(source)) == raw
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+INTEGERS_PAST_2_53 = [
+    9007199791611905,
+    2**53 + 1,
+    -(2**53) - 3,
+    2**62 + 2**38 + 1,
+    2**63 - 1,
+    -(2**63),
+    123456789123456789,
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_integers_in_a_float_role_round_as_torch_tensor_does(dtype: torch.dtype) -> None:
+    # torch.tensor reads a Python int as a double and rounds once from it;
+    # int64 straight to float32 rounds differently past 2**53
+    expected = torch.tensor(INTEGERS_PAST_2_53, dtype=dtype)
+    assert torch.equal(decode(INTEGERS_PAST_2_53, dtype=dtype), expected)
+    flat = {"shape": [len(INTEGERS_PAST_2_53)], "data": INTEGERS_PAST_2_53}
+    assert torch.equal(decode(flat, dtype=dtype), expected)
+    mixed = [*INTEGERS_PAST_2_53, "NaN"]  # the slow path, one number at a time
+    assert_same(
+        decode(mixed, dtype=dtype), torch.tensor([*INTEGERS_PAST_2_53, math.nan], dtype=dtype)
+    )
+    beyond = [2**63, 2**64 - 1, 2**63 + 2**40]  # past int64: numpy makes them uint64
+    assert torch.equal(decode(beyond, dtype=dtype), torch.tensor(beyond, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ([2**63], "9223372036854775808"),
+        ([float(2**70)], "1180591620717411303424"),
+        ([-(2.0**63) * 2], "-18446744073709551616"),
+        ([1, 2**63 + 5], "9223372036854775808"),  # via a double, like torch
+    ],
+)
+def test_index_values_outside_int64_are_refused_not_wrapped(
+    value: list[object], shown: str
+) -> None:
+    with pytest.raises(InvalidPayload, match=f"int64's range .*got {shown}"):
+        decode(value, role="index")
+    assert torch.equal(
+        decode([2**63 - 1, -(2**63)], role="index"), torch.tensor([2**63 - 1, -(2**63)])
+    )
+
+
+def test_explicit_integer_dtypes_hold_only_their_integers() -> None:
+    assert (
+        decode({"shape": [2], "dtype": "int32", "data": [-5, 7]}, role="any").dtype == torch.int32
+    )
+    for data, words in [
+        ([2**40], "int32's range"),
+        ([1.5], "fractional value 1.5"),
+        (["NaN"], "non-finite"),
+    ]:
+        with pytest.raises(InvalidPayload, match=words):
+            decode({"shape": [1], "dtype": "int32", "data": data}, role="any")
+    with pytest.raises(InvalidPayload, match=r"uint8's range \[0, 255\], got -1"):
+        decode({"shape": [1], "dtype": "uint8", "data": [-1]}, role="any")
+
+
+def test_booleans_among_numbers_are_one_and_zero_as_in_torch() -> None:
+    assert torch.equal(decode([True, 2.5, False]), torch.tensor([True, 2.5, False]))
+    t = decode([True, "NaN"])
+    assert t[0] == 1.0 and math.isnan(t[1])
+
+
+def test_slow_path_errors_name_what_is_wrong() -> None:
+    for value, words in [
+        ([1.0, "x"], "got the string 'x'"),
+        ([1.0, None], "got null"),
+        ([1.0, {"a": 1}], "got an object"),
+        ([[1.0, "NaN"], [2.0]], "ragged"),
+        ([[1.0, "NaN"], 2.0], "ragged"),
+        ([1.0, [2.0], "NaN"], "ragged"),
+        (["y" * 1000], "(1000 characters in all)"),
+    ]:
+        with pytest.raises(InvalidPayload, match=re.escape(words)):
+            decode(value)
+    with pytest.raises(InvalidPayload, match="flat array"):
+        decode({"shape": [3], "data": [1.0, [2.0], "NaN"]})

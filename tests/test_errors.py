@@ -7,6 +7,7 @@ import base64
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fastapi.testclient import TestClient
 
 from service.config import Settings
@@ -279,6 +280,108 @@ BAD: list[tuple[str, str, dict[str, object], int, tuple[object, ...], str]] = [
         "only used with grad",
     ),
     ("a list instead of an object", CE, [1, 2], 422, (), "expected a JSON object"),  # type: ignore[list-item]
+    (
+        "dimension past int64",
+        "/v1/losses/mse_loss",
+        {"input": {"shape": [2**63, 0], "data": []}, "target": [1.0]},
+        422,
+        ("input", "shape"),
+        "outside int64",
+    ),
+    (
+        "dimensions that overflow with reduction none",
+        "/v1/losses/mse_loss",
+        {
+            "input": {"shape": [0, 2**63 - 1], "b64": ""},
+            "target": {"shape": [0, 2**63 - 1], "b64": ""},
+            "reduction": "none",
+        },
+        422,
+        ("input", "shape"),
+        "overflow",
+    ),
+    (
+        "class index past int64",
+        CE,
+        {"input": [[1.0, 2.0]], "target": [2**70], "ignore_index": -(2**63), "reduction": "sum"},
+        422,
+        ("target",),
+        "int64's range",
+    ),
+    (
+        "class index 2**63 is not wrapped",
+        CE,
+        {"input": [[1.0, 2.0]], "target": [2**63]},
+        422,
+        ("target",),
+        "got 9223372036854775808",
+    ),
+    (
+        "ignore_index past int64",
+        CE,
+        {**GOOD, "ignore_index": 2**63},
+        422,
+        ("ignore_index",),
+        "less than or equal to 9223372036854775807",
+    ),
+    (
+        "blank past int64",
+        "/v1/losses/ctc_loss",
+        {
+            "log_probs": [[[-1.0, -1.0]]] * 3,
+            "targets": [[1]],
+            "input_lengths": [3],
+            "target_lengths": [1],
+            "blank": 2**63,
+        },
+        422,
+        ("blank",),
+        "less than or equal to 9223372036854775807",
+    ),
+    (
+        "grad_output with an empty grad list",
+        CE,
+        {**GOOD, "grad": [], "grad_output": "garbage"},
+        422,
+        ("grad_output",),
+        "only used with grad",
+    ),
+    (
+        "multi_margin_loss over an empty batch with mean",
+        "/v1/losses/multi_margin_loss",
+        {"input": {"shape": [0, 3], "data": []}, "target": {"shape": [0], "data": []}},
+        422,
+        ("input",),
+        "empty batch",
+    ),
+    (
+        "multilabel_margin_loss over an empty batch with sum",
+        "/v1/losses/multilabel_margin_loss",
+        {
+            "input": {"shape": [0, 3], "data": []},
+            "target": {"shape": [0, 3], "data": []},
+            "reduction": "sum",
+        },
+        422,
+        ("input",),
+        "uninitialised memory",
+    ),
+    (
+        "class probabilities of the wrong shape",
+        CE,
+        {"input": [[1.0, 2.0]], "target": [[0.5, 0.25, 0.25]]},
+        422,
+        ("target",),
+        "expected shape [1, 2] for class probabilities (input's shape",
+    ),
+    (
+        "an elementwise weight is not broadcast",
+        "/v1/losses/l1_loss",
+        {"input": [[1.0, 2.0], [3.0, 4.0]], "target": [[0.0, 0.0], [0.0, 0.0]], "weight": [1, 2]},
+        422,
+        ("weight",),
+        "expected shape [2, 2] (same as input",
+    ),
 ]
 
 
@@ -369,3 +472,91 @@ def test_limits() -> None:
         assert one_big.status_code == 413
         assert "input: 6 elements" in one_big.json()["detail"]
         assert per_tensor.post(CE, json=GOOD).status_code == 200
+
+
+@pytest.mark.parametrize("size", [50_000, 5_000_000])
+def test_messages_quote_at_most_200_characters_of_a_value(client: TestClient, size: int) -> None:
+    huge = "a" * size
+    for body in (
+        {"input": huge, "target": [1]},
+        {"input": [[1.0, huge]], "target": [1]},
+        {"input": {"shape": [1], "dtype": huge, "data": [1]}, "target": [1]},
+        {"input": {"shape": huge, "data": [1]}, "target": [1]},
+        {**GOOD, "reduction": huge},
+        {**GOOD, huge: 1},
+    ):
+        response = client.post(CE, json=body)
+        assert response.status_code == 422
+        assert len(response.content) < 3000, response.content[:300]
+        assert "a" * 201 not in response.text
+    # a message built elsewhere is still cut where problem details are made
+    response = client.post(CE, json={**GOOD, "device": huge})
+    assert response.status_code == 422 and len(response.content) < 6000
+    response = client.post(CE, json={"input": huge, "target": [1]})
+    assert f"({size} characters in all)" in response.json()["detail"]
+    v2 = client.post(
+        "/v2/models/cross_entropy/infer",
+        json={"inputs": [{"name": "input", "shape": [1], "datatype": huge, "data": [1]}]},
+    )
+    assert v2.status_code == 400 and len(v2.content) < 1000
+
+
+def test_a_problem_lists_a_bounded_number_of_errors(client: TestClient) -> None:
+    body = {**GOOD, **{f"unknown_{i}": i for i in range(1000)}}
+    response = client.post(CE, json=body)
+    problem = response.json()
+    assert response.status_code == 422 and len(problem["errors"]) == 51
+    assert problem["errors"][-1]["msg"] == "and 950 more errors"
+
+
+def test_values_nested_deeper_than_repr_goes_are_quoted_not_a_500(client: TestClient) -> None:
+    deep = b"[" * 1000 + b"]" * 1000  # within orjson's limit, past repr's
+    inputs = (
+        b'[{"name": "input", "shape": [1], "datatype": "FP32", "data": [1]},'
+        b'{"name": "target", "shape": [1], "datatype": "FP32", "data": [1]}]'
+    )
+    for path, body in (
+        ("/v2/models/mse_loss/infer", b'{"inputs": %s, "id": %s}' % (inputs, deep)),
+        (
+            "/v2/models/mse_loss/infer",
+            b'{"inputs": %s, "parameters": {"binary_data_output": %s}}' % (inputs, deep),
+        ),
+        (
+            "/v2/models/mse_loss/infer",
+            b'{"inputs": %s, "parameters": {"grad": [%s]}}' % (inputs, deep),
+        ),
+        (
+            "/v2/models/mse_loss/infer",
+            b'{"inputs": %s, "outputs": [{"name": "loss", "parameters": {"binary_data": %s}}]}'
+            % (inputs, deep),
+        ),
+        (
+            "/v2/models/mse_loss/infer",
+            b'{"inputs": [{"name": "input", "shape": %s, "datatype": "FP32", "data": [1]}]}' % deep,
+        ),
+        ("/v1/losses/mse_loss", b'{"input": {"shape": %s, "data": [1]}, "target": [1]}' % deep),
+        ("/v1/losses/mse_loss", b'{"input": [1], "target": [1], "unknown": %s}' % deep),
+    ):
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert 400 <= response.status_code < 500, (path, response.text)
+
+
+def test_a_bad_batch_item_fails_alone(client: TestClient) -> None:
+    good = {"loss": "mse_loss", "input": [1.0, 2.0], "target": [0.0, 0.5]}
+    items = [
+        good,
+        {"loss": "mse_loss", "input": {"shape": [0, 2**63 - 1], "b64": ""},
+         "target": {"shape": [0, 2**63 - 1], "b64": ""}, "reduction": "none"},
+        {"loss": "mse_loss", "input": {"shape": [2**63, 0], "data": []}, "target": [1.0]},
+        {"loss": "cross_entropy", "input": [[1.0, 2.0]], "target": [2**63]},
+        good,
+    ]  # fmt: skip
+    response = client.post("/v1/batch", json={"items": items})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    expected = F.mse_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.5])).item()
+    assert results[0]["value"] == results[4]["value"] == expected
+    for index in (1, 2, 3):
+        problem = results[index]["error"]
+        assert problem["status"] == 422
+        assert problem["errors"][0]["loc"][:3] == ["body", "items", index]

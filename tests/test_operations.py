@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import platform
 import re
 import subprocess
@@ -192,6 +193,52 @@ def test_one_log_line_per_request_without_tensor_contents(fmt: str) -> None:
         assert (
             "request_id=log-test" in text and "status=200" in text and "loss=cross_entropy" in text
         )
+
+
+LOGFMT_PAIR = re.compile(r'(\S+?)=("(?:[^"\\]|\\.)*"|[^\s"]*)(?:\s|$)')
+
+
+def logfmt_fields(line: str) -> list[tuple[str, str]]:
+    """The key=value pairs a logfmt reader sees in a text line, values unquoted."""
+    pairs = []
+    for key, value in LOGFMT_PAIR.findall(line):
+        if value.startswith('"'):
+            value = json.loads(value)  # logfmt's escapes are JSON's, for these
+        pairs.append((key, value))
+    return pairs
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    ["abc status=500 route=/v1/admin", 'a"b status=500', "x=1", "back\\slash", "ok"],
+)
+def test_text_log_values_cannot_forge_fields(request_id: str) -> None:
+    lines: list[bytes] = []
+    with make(log_format="text") as c:
+        c.app.state.runtime.access_log = AccessLog("text", lines.append)  # type: ignore[attr-defined]
+        c.post(CE, json=GOOD, headers={"X-Request-ID": request_id})
+    (line,) = lines
+    assert line.count(b"\n") == 1
+    fields = logfmt_fields(line.decode())
+    keys = [key for key, _ in fields]
+    assert keys.count("status") == 1 and keys.count("route") == 1, fields
+    assert dict(fields)["request_id"] == request_id and dict(fields)["status"] == "200"
+
+
+def test_text_formatter_quotes_field_values_and_messages() -> None:
+    from service.logs import TextFormatter
+
+    record = logging.LogRecord("service", logging.WARNING, __file__, 1, "%s", ("x=1\ny",), None)
+    record.fields = {"path": "/v1/a b", "n": 3, "who": 'say "hi"', "empty": ""}
+    text = TextFormatter().format(record)
+    assert "\n" not in text
+    assert '"x=1\\ny"' in text
+    assert dict(logfmt_fields(text)) == {
+        "path": "/v1/a b",
+        "n": "3",
+        "who": 'say "hi"',
+        "empty": "",
+    }
 
 
 def test_finished_requests_are_recorded_in_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:

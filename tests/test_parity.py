@@ -76,3 +76,24 @@ def test_float_dtypes(client: TestClient, dtype: str) -> None:
     data = post(client, case, request_body(case, "mean", dtype=dtype))
     assert data["dtype"] == dtype
     assert_same(value_of(data, expected), expected)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("loss", ["nll_loss", "cross_entropy"])
+def test_unbatched_input_with_a_target_of_shape_1(
+    client: TestClient, loss: str, reduction: str
+) -> None:
+    """torch takes target [1] as well as [] for a (C) input; the value is
+    torch's, and its backward (which torch refuses) a 422 with torch's reason."""
+    x, t = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([1])
+    expected = getattr(torch.nn.functional, loss)(x, t, reduction=reduction)
+    body = {"input": x.tolist(), "target": t.tolist(), "reduction": reduction, "device": DEVICE}
+    response = client.post(f"/v1/losses/{loss}", json=body)
+    assert response.status_code == 200, response.text
+    assert_same(value_of(response.json(), expected), expected)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        leaf = x.clone().requires_grad_(True)
+        out = getattr(torch.nn.functional, loss)(leaf, t, reduction=reduction)
+        torch.autograd.grad(out, leaf, torch.ones_like(out))
+    response = client.post(f"/v1/losses/{loss}", json={**body, "grad": True})
+    assert response.status_code == 422 and "size mismatch" in response.json()["detail"]

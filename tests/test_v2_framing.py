@@ -107,6 +107,33 @@ def test_non_numeric_header_length(live_server: str, value: str) -> None:
     assert_bad_request(response, HEADER)
 
 
+@pytest.mark.parametrize("value", [b"\xb2", b"\xb9", b"\xbd", b"1\xb2"])
+def test_latin1_digit_header_length(live_server: str, value: bytes) -> None:
+    """ "\xb2" is "²" in latin-1, a digit to str.isdigit() but not to int()."""
+    parts = urlsplit(live_server)
+    body = json_header() + INPUT + TARGET
+    request = (
+        (f"POST {URL} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Length: {len(body)}\r\n").encode()
+        + HEADER.encode()
+        + b": "
+        + value
+        + b"\r\n\r\n"
+        + body
+    )
+    assert parts.hostname is not None and parts.port is not None
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(request)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    status = int(reply.split(b" ", 2)[1])
+    assert status == 400, reply
+    assert HEADER.encode() in reply
+
+
 @pytest.mark.parametrize("delta", [-1, -20, 5])
 def test_header_length_off_by_some(live_server: str, delta: int) -> None:
     header = json_header()

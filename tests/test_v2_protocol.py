@@ -139,6 +139,24 @@ def test_grad_output_input_and_grad_list(client: TestClient) -> None:
     assert result["grad_target"]["data"] == expected.tolist()
 
 
+def test_empty_grad_output(client: TestClient) -> None:
+    body = {
+        "inputs": [
+            tensor("input", [0], "FP32", []),
+            tensor("target", [0], "FP32", []),
+            tensor("grad_output", [0], "FP32", []),
+        ],
+        "parameters": {"reduction": "none", "grad": True},
+    }
+    result = outputs(infer(client, body, "mse_loss"))
+    assert result["loss"]["shape"] == [0] and result["grad_input"]["shape"] == [0]
+    body["parameters"]["binary_data_output"] = True  # type: ignore[index]
+    response = infer(client, body, "mse_loss")
+    assert response.status_code == 200 and response.headers[HEADER]
+    wrong = {**body, "inputs": [*body["inputs"][:2], tensor("grad_output", [1], "FP32", [1])]}
+    assert "grad_output" in error(infer(client, wrong, "mse_loss"), 422)
+
+
 def test_number_argument_as_parameter(client: TestClient) -> None:
     body = {
         "inputs": [tensor("input", [2], "FP32", [1, 2]), tensor("target", [2], "FP32", [1.5, 1])],
@@ -248,6 +266,15 @@ def test_protocol_errors_are_400(client: TestClient, body: Any, words: list[str]
         ([], {"grad": ["target"]}, ["differentiate", "target"]),
         ([], {"grad": 3}, ["parameters.grad"]),
         ([], {"device": "tpu"}, ["device", "cpu"]),
+        (
+            [tensor("target", [2], "INT64", [2**63, 0])],
+            {},
+            ["target", "int64", "9223372036854775808"],
+        ),
+        ([tensor("target", [2], "UINT8", [-1, 0])], {}, ["target", "UINT8", "got -1"]),
+        ([tensor("input", [0, 2**63 - 1], "FP32", [])], {}, ["input.shape", "overflow"]),
+        ([tensor("input", [0, 2**63], "FP32", [])], {}, ["input.shape", "outside int64"]),
+        ([tensor("input", [0, 2**64], "FP32", [])], {}, ["input.shape", "outside int64"]),
     ],
 )
 def test_invalid_values_are_422(

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from service.errors import FieldError, InvalidPayload, ServiceError
+from service.errors import FieldError, InvalidPayload, ServiceError, clip
 
 log = logging.getLogger("service.errors")
 
@@ -24,16 +24,16 @@ def problem_body(error: ServiceError) -> dict[str, Any]:
         "type": f"{PROBLEM_TYPE}-{error.slug}",
         "title": error.title,
         "status": error.status,
-        "detail": error.detail,
+        "detail": clip(error.detail),  # errors.py bounds them; this holds whatever is raised
     }
     if error.errors:
-        body["errors"] = [{"loc": list(e.loc), "msg": e.msg} for e in error.errors]
+        body["errors"] = [{"loc": list(e.loc), "msg": clip(e.msg)} for e in error.errors]
     return body
 
 
 def error_response(request: Request, error: ServiceError) -> Response:
     if request.url.path.startswith("/v2"):
-        content = orjson.dumps({"error": error.detail})
+        content = orjson.dumps({"error": clip(error.detail)})
         media_type = "application/json"
     else:
         content = orjson.dumps(problem_body(error))

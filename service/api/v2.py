@@ -37,17 +37,18 @@ from service.api.runtime import header as request_header
 from service.api.v1 import json_response
 from service.compute import Evaluation, Prepared, Timings, prepare_request, run_prepared
 from service.config import Settings
-from service.errors import BadRequest, NotFound, invalid
+from service.errors import BadRequest, NotFound, invalid, quote
 from service.losses import LossSpec, TensorArg, resolve
 from service.schemas import DEPRECATED_OPTIONS, parse_request
 from service.tensors import (
     MAX_DIMS,
     ElementBudget,
     bytes_to_tensor,
-    coerce_role,
+    check_dims,
     decode_raw,
     encode_tensor,
     tensor_view,
+    to_integers,
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -286,7 +287,7 @@ def split_body(body: Body, header_length: str | None) -> tuple[Body, memoryview]
     if not (text.isascii() and text.isdigit()):
         raise BadRequest(
             f"{HEADER_LENGTH} must be a non-negative integer (bytes of JSON header), "
-            f"got {header_length!r}"
+            f"got {quote(header_length)}"
         )
     # A length past any body is refused before int() meets thousands of digits.
     if len(text) > len(str(len(body))) or int(text) > len(body):
@@ -316,14 +317,16 @@ def parse_infer(
         )
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise BadRequest(f"id must be a string, got {request_id!r}")
+        raise BadRequest(f"id must be a string, got {quote(request_id)}")
 
     parameters = payload.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadRequest("parameters must be a JSON object")
     binary_output = parameters.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
-        raise BadRequest(f"parameters.binary_data_output must be a boolean, got {binary_output!r}")
+        raise BadRequest(
+            f"parameters.binary_data_output must be a boolean, got {quote(binary_output)}"
+        )
 
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -387,59 +390,64 @@ def _decode_input(
     name: str = item["name"]
     if name not in spec.tensor_names and name != "grad_output":
         raise BadRequest(
-            f"unknown input {name!r}; model {spec.name} takes {_describe_inputs(spec)} "
+            f"unknown input {quote(name)}; model {spec.name} takes {_describe_inputs(spec)} "
             "(and grad_output, the upstream gradient)"
         )
     unknown = set(item) - {"name", "shape", "datatype", "parameters", "data"}
     if unknown:
-        raise BadRequest(f"input {name!r}: unknown field(s) {sorted(unknown)}")
+        raise BadRequest(f"input {quote(name)}: unknown field(s) {quote(sorted(unknown))}")
     shape = item.get("shape")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_DIMS
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(_dimension(d) for d in shape)
     ):
         raise BadRequest(
-            f"input {name!r}: shape must be an array of at most {MAX_DIMS} non-negative "
-            f"integers, got {shape!r}"
+            f"input {quote(name)}: shape must be an array of at most {MAX_DIMS} non-negative "
+            f"integers, got {quote(shape)}"
         )
+    extent = check_dims(shape, (name, "shape"))  # 422: a shape torch cannot hold
     datatype = item.get("datatype")
     if datatype not in DATATYPES:
         raise BadRequest(
-            f"input {name!r}: datatype must be one of {', '.join(DATATYPES)}, got {datatype!r}"
+            f"input {quote(name)}: datatype must be one of {', '.join(DATATYPES)}, "
+            f"got {quote(datatype)}"
         )
     dtype = DATATYPES[datatype]
     parameters = item.get("parameters") or {}
     if not isinstance(parameters, dict):
-        raise BadRequest(f"input {name!r}: parameters must be a JSON object")
+        raise BadRequest(f"input {quote(name)}: parameters must be a JSON object")
     unknown = set(parameters) - {"binary_data_size"}
     if unknown:
         raise BadRequest(
-            f"input {name!r}: unsupported parameter(s) {sorted(unknown)} "
+            f"input {quote(name)}: unsupported parameter(s) {quote(sorted(unknown))} "
             "(only binary_data_size; shared memory is not supported)"
         )
     numel = math.prod(shape)
     size = parameters.get("binary_data_size")
     if size is None:
         if "data" not in item:
-            raise BadRequest(f"input {name!r} has neither data nor parameters.binary_data_size")
-        return name, _decode_json_data(name, item["data"], shape, dtype, budget), 0
+            raise BadRequest(
+                f"input {quote(name)} has neither data nor parameters.binary_data_size"
+            )
+        return name, _decode_json_data(name, item["data"], shape, extent, dtype, budget), 0
     if "data" in item:
-        raise BadRequest(f"input {name!r} has both data and parameters.binary_data_size")
+        raise BadRequest(f"input {quote(name)} has both data and parameters.binary_data_size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise BadRequest(
-            f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}"
+            f"input {quote(name)}: binary_data_size must be a non-negative integer, "
+            f"got {quote(size)}"
         )
-    budget.take(name, numel)
+    budget.take(name, numel, extent)
     itemsize = 1 if dtype == torch.bool else torch.empty((), dtype=dtype).element_size()
     if size != numel * itemsize:
         raise BadRequest(
-            f"input {name!r}: binary_data_size is {size} but shape {shape} of {datatype} "
+            f"input {quote(name)}: binary_data_size is {size} but shape {shape} of {datatype} "
             f"takes {numel * itemsize} bytes"
         )
     if offset + size > len(binary):
         raise BadRequest(
-            f"input {name!r}: binary_data_size {size} at offset {offset} runs past the end of "
+            f"input {quote(name)}: binary_data_size {size} at offset {offset} runs past the end of "
             f"the body ({len(binary)} bytes of binary data after the JSON header)"
         )
     wire_dtype = torch.uint8 if dtype == torch.bool else dtype
@@ -449,8 +457,21 @@ def _decode_input(
     return name, tensor, size
 
 
+def _dimension(value: Any) -> bool:
+    """A non-negative integer; or one past int64 that JSON parsing made a double
+    (check_dims refuses it as outside int64, with a 422)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value >= 0
+    return isinstance(value, float) and value >= 2**63
+
+
 def _decode_json_data(
-    name: str, data: Any, shape: list[int], dtype: torch.dtype, budget: ElementBudget
+    name: str,
+    data: Any,
+    shape: list[int],
+    extent: int,
+    dtype: torch.dtype,
+    budget: ElementBudget,
 ) -> torch.Tensor:
     """JSON ``data`` (flat or nested, row-major) -> a tensor of ``shape`` and ``dtype``."""
     if dtype.is_floating_point:
@@ -462,18 +483,13 @@ def _decode_json_data(
                 raise invalid(name, "expected booleans (true/false or 1/0)")
             tensor = raw != 0
         else:
-            tensor = coerce_role(
-                raw, field=name, role="index", float_dtype=torch.float64, explicit=True
-            )
-            info = torch.iinfo(dtype)
-            if tensor.numel() and (tensor.min() < info.min or tensor.max() > info.max):
-                raise invalid(name, f"values out of range for {DATATYPE_NAMES[dtype]}")
-            tensor = tensor.to(dtype)
+            tensor = to_integers(raw, name, dtype, f"{DATATYPE_NAMES[dtype]} integers")
     if tensor.numel() != math.prod(shape):
         raise BadRequest(
-            f"input {name!r}: shape {shape} takes {math.prod(shape)} elements, "
+            f"input {quote(name)}: shape {shape} takes {math.prod(shape)} elements, "
             f"data holds {tensor.numel()}"
         )
+    budget.take(name, 0, extent)  # the data's elements are counted; the shape's span too
     return tensor.reshape(shape)
 
 
@@ -505,7 +521,7 @@ def _parse_outputs(spec: LossSpec, raw: Any) -> list[OutputRequest] | None:
             )
         binary = parameters.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
-            raise BadRequest(f"output {name!r}: binary_data must be a boolean, got {binary!r}")
+            raise BadRequest(f"output {name!r}: binary_data must be a boolean, got {quote(binary)}")
         outputs.append(OutputRequest(name, binary))
     return outputs
 
@@ -529,7 +545,7 @@ def _grad_parameter(value: Any) -> bool | list[str]:
     raise invalid(
         ("parameters", "grad"),
         f"expected true, false, a list of argument names or a comma-separated string, "
-        f"got {value!r}",
+        f"got {quote(value)}",
     )
 
 
@@ -686,7 +702,7 @@ def _model(name: str, version: str) -> LossSpec:
 async def serve_infer(request: Request, spec: LossSpec) -> Response:
     rt = runtime(request)
     declared = request_header(request, HEADER_LENGTH_KEY)
-    align = (
+    align = (  # ASCII digits only: "²" is a digit too, and int() refuses it
         int(declared)
         if declared and declared.isascii() and declared.isdigit() and len(declared) < 19
         else 0

@@ -50,7 +50,7 @@ def _elementwise_weight() -> TensorArg:
     return TensorArg(
         "weight",
         "float",
-        "broadcastable to input",
+        "same as input (not broadcast)",
         required=False,
         differentiable=True,
         description="a weight for each element of the loss",

@@ -92,15 +92,21 @@ def class_target(tensors: Tensors, options: Mapping[str, Any]) -> None:
     input, target = tensor(tensors, "input"), tensor(tensors, "target")
     num_classes = class_dim(input)
     class_weight(tensors, num_classes)
-    if target.is_floating_point():
-        expect_shape("target", target, shape(input), "(class probabilities)", "input", input)
-        return
     if input.dim() == 1:
         index_shape, words = [], "(a 0-dim class index)"
     else:
         index_shape = [input.shape[0], *input.shape[2:]]
         words = "(N)" if input.dim() == 2 else "(N, d1, ...)"
-    expect_shape("target", target, index_shape, words, "input", input)
+    if target.is_floating_point():
+        if shape(target) != shape(input):
+            raise invalid(
+                "target",
+                f"expected shape {shape(input)} for class probabilities (input's shape; "
+                f"class indices would be integers of shape {index_shape}), got {shape(target)}",
+            )
+        return
+    if not (input.dim() == 1 and shape(target) == [1]):  # torch takes [1] for [] here
+        expect_shape("target", target, index_shape, words, "input", input)
     class_indices("target", target, num_classes, allowed=(options["ignore_index"],))
 
 
@@ -129,12 +135,25 @@ def binary_cross_entropy(tensors: Tensors, options: Mapping[str, Any]) -> None:
         )
 
 
+def _empty_batch(name: str, input: torch.Tensor, options: Mapping[str, Any]) -> None:
+    """torch returns uninitialised memory for these losses over an empty batch
+    with a scalar reduction (where other losses give NaN for mean, 0 for sum)."""
+    if input.dim() == 2 and input.shape[0] == 0 and options["reduction"] != "none":
+        raise invalid(
+            "input",
+            f"an empty batch (N = 0, input {shape(input)}) with reduction "
+            f"{options['reduction']!r}: torch.nn.functional.{name} returns uninitialised "
+            "memory for it; send at least one sample, or use reduction 'none'",
+        )
+
+
 def multilabel_margin(tensors: Tensors, options: Mapping[str, Any]) -> None:
     input, target = tensor(tensors, "input"), tensor(tensors, "target")
     if input.dim() not in (1, 2):
         raise invalid("input", f"expected shape (C) or (N, C), got {shape(input)}")
     expect_shape("target", target, shape(input), "(class indices padded with -1)", "input", input)
     class_indices("target", target, input.shape[-1], allowed=(-1,))
+    _empty_batch("multilabel_margin_loss", input, options)
 
 
 def multi_margin(tensors: Tensors, options: Mapping[str, Any]) -> None:
@@ -144,8 +163,10 @@ def multi_margin(tensors: Tensors, options: Mapping[str, Any]) -> None:
     num_classes = input.shape[-1]
     class_weight(tensors, num_classes)
     words = "(N)" if input.dim() == 2 else "(a 0-dim class index)"
-    expect_shape("target", target, shape(input)[:-1], words, "input", input)
+    if not (input.dim() == 1 and shape(target) == [1]):  # torch takes [1] for [] here
+        expect_shape("target", target, shape(input)[:-1], words, "input", input)
     class_indices("target", target, num_classes)
+    _empty_batch("multi_margin_loss", input, options)
 
 
 def ctc(tensors: Tensors, options: Mapping[str, Any]) -> None:
@@ -189,4 +210,12 @@ def ctc(tensors: Tensors, options: Mapping[str, Any]) -> None:
     else:
         expected = "(N, S) or (sum(target_lengths))" if batched else "(S)"
         raise invalid("targets", f"expected shape {expected}, got {shape(targets)}")
-    class_indices("targets", targets, num_classes)
+    # torch reads only the first target_lengths[n] targets of each sequence:
+    # what pads a row past its length may hold anything
+    if targets.dim() == 2:
+        used = targets[torch.arange(targets.shape[1]) < target_lengths.reshape(-1, 1)]
+    elif not batched:
+        used = targets[: int(target_lengths)]
+    else:
+        used = targets
+    class_indices("targets", used, num_classes)
