@@ -479,7 +479,9 @@ def encode_tensor(tensor: torch.Tensor, encoding: Encoding) -> Any:
         return {
             "shape": list(tensor.shape),
             "dtype": dtype_name(tensor.dtype),
-            "b64": pybase64.b64encode(tensor_view(tensor)).decode("ascii"),
+            # a fragment: the base64 text goes into the response as it is,
+            # without a str copy that orjson would then copy again
+            "b64": orjson.Fragment(b'"' + pybase64.b64encode(tensor_view(tensor)) + b'"'),
         }
     if encoding == "flat":
         return {
@@ -517,15 +519,52 @@ def tensor_view(tensor: torch.Tensor) -> memoryview:
 def _jsonable(tensor: torch.Tensor) -> Any:
     """Nested JSON for a tensor, written by orjson from the numpy buffer (no
     Python object per element). Floats are written as the exact float64 value
-    of each element, as ``tensor.tolist()`` would give them."""
+    of each element, as ``tensor.tolist()`` would give them, and the
+    non-finite ones as the strings of contract section 3."""
     if tensor.numel() == 0:
         return orjson.Fragment(_empty_nested(list(tensor.shape)))
     if tensor.is_floating_point():
-        if not bool(torch.isfinite(tensor).all()):
-            return _strings_for_nonfinite(tensor.tolist())
         tensor = tensor.to(torch.float64)
-    array = np.ascontiguousarray(tensor.numpy())
-    return orjson.Fragment(orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY))
+    return orjson.Fragment(_dump(np.ascontiguousarray(tensor.numpy())))
+
+
+# Elements written per orjson call: each call holds the GIL for about a
+# millisecond, so a large response never keeps the event loop waiting long.
+JSON_CHUNK = 1 << 16
+NONFINITE_TOKENS = (b'"NaN"', b'"Infinity"', b'"-Infinity"')
+
+
+def _dump(array: np.ndarray[Any, Any]) -> bytes:
+    """The JSON of a non-empty array, in pieces of at most ``JSON_CHUNK``
+    elements along its first dimension (or per row, for rows larger)."""
+    if array.ndim == 0 or array.size <= JSON_CHUNK:
+        return _dump_piece(array)
+    row = array[0].size
+    if row > JSON_CHUNK:
+        return b"[" + b",".join(_dump(r) for r in array) + b"]"
+    step = JSON_CHUNK // row
+    pieces = (_dump_piece(array[i : i + step])[1:-1] for i in range(0, len(array), step))
+    return b"[" + b",".join(pieces) + b"]"
+
+
+def _dump_piece(array: np.ndarray[Any, Any]) -> bytes:
+    text = orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY)
+    if array.dtype.kind != "f":
+        return text
+    bad = ~np.isfinite(array)
+    if not bad.any():
+        return text
+    # orjson writes a non-finite float as null: put the strings in their
+    # place, in row-major order (no number is ever written as null)
+    values = array[bad]
+    codes = np.where(np.isnan(values), 0, np.where(values > 0, 1, 2))
+    if (codes == codes[0]).all():
+        return text.replace(b"null", NONFINITE_TOKENS[int(codes[0])])
+    parts = text.split(b"null")
+    out = [parts[0]]
+    for code, part in zip(codes.tolist(), parts[1:], strict=True):
+        out += (NONFINITE_TOKENS[code], part)
+    return b"".join(out)
 
 
 def _empty_nested(shape: list[int]) -> bytes:
@@ -540,14 +579,6 @@ def _empty_nested(shape: list[int]) -> bytes:
         )
     empty = np.empty(shape[: first_zero + 1], np.float64)
     return orjson.dumps(empty, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def _strings_for_nonfinite(data: Any) -> Any:
-    if isinstance(data, list):
-        return [_strings_for_nonfinite(x) for x in data]
-    if isinstance(data, float) and not math.isfinite(data):
-        return _nonfinite_text(data)
-    return data
 
 
 def _nonfinite_text(value: float) -> str:

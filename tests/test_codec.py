@@ -6,6 +6,7 @@ import base64
 import math
 import re
 
+import numpy as np
 import orjson
 import pytest
 import torch
@@ -48,7 +49,8 @@ def test_dtype_table_and_inverse() -> None:
 def test_b64_round_trip_every_dtype(name: str) -> None:
     dtype = DTYPES[name]
     source = (torch.arange(6) % 2 == 0) if dtype == torch.bool else torch.arange(6).to(dtype)
-    wire = encode_tensor(source.reshape(2, 3), "b64")
+    wire = as_json(encode_tensor(source.reshape(2, 3), "b64"))
+    assert isinstance(wire, dict)
     assert wire["dtype"] == name and wire["shape"] == [2, 3]
     back = decode_tensor(
         wire, field="x", role="any", float_dtype=torch.float32, budget=ElementBudget(100)
@@ -81,11 +83,31 @@ def test_index_role() -> None:
 def test_nonfinite_strings_both_ways() -> None:
     t = decode(["NaN", "Infinity", "-Infinity", 1])
     assert math.isnan(t[0]) and t[1] == math.inf and t[2] == -math.inf
-    assert encode_tensor(t, "nested") == ["NaN", "Infinity", "-Infinity", 1.0]
-    assert encode_tensor(t, "flat")["data"] == ["NaN", "Infinity", "-Infinity", 1.0]
+    assert as_json(encode_tensor(t, "nested")) == ["NaN", "Infinity", "-Infinity", 1.0]
+    assert as_json(encode_tensor(t, "flat")["data"]) == ["NaN", "Infinity", "-Infinity", 1.0]
+
     assert encode_scalar(torch.tensor(float("nan"))) == "NaN"
     flat = decode({"shape": [2], "data": ["NaN", 2]})
     assert math.isnan(flat[0]) and flat[1] == 2
+
+
+@pytest.mark.parametrize("shape", [[3], [70000], [2, 40000], [40000, 2], [3, 70000], [2, 3, 30000]])
+def test_large_outputs_are_written_in_pieces_as_torch_gives_them(shape: list[int]) -> None:
+    g = torch.Generator().manual_seed(7)
+    t = torch.randn(*shape, generator=g, dtype=torch.float64)
+    flat = t.reshape(-1)
+    flat[::7] = math.nan
+    flat[1::11] = math.inf
+    flat[2::13] = -math.inf
+    expected = [
+        x if math.isfinite(x) else NONFINITE_TEXT[x if x == x else "nan"] for x in flat.tolist()
+    ]
+    assert as_json(encode_tensor(t, "flat"))["data"] == expected  # type: ignore[index]
+    nested = as_json(encode_tensor(t, "nested"))
+    assert np.array(nested, dtype=object).reshape(-1).tolist() == expected
+
+
+NONFINITE_TEXT: dict[object, str] = {"nan": "NaN", math.inf: "Infinity", -math.inf: "-Infinity"}
 
 
 def test_flat_form_checks_count_and_nesting() -> None:

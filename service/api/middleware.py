@@ -88,7 +88,6 @@ class ObservabilityMiddleware:
 
         stats = self.stats
         stats.in_flight += 1
-        self.runtime.request_started()
         try:
             await self.app(scope, counting_receive, tagging_send)
         finally:

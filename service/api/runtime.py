@@ -109,8 +109,8 @@ class Runtime:
         # record what finished requests left for the metrics and the log
         self.flushers: list[Callable[[], None]] = []
         self.parsing = threading.Lock()
-        self.in_flight = 0
-        self.used_since_trim = False
+        self.holding = 0  # requests in flight that hold memory
+        self.last_held = 0.0
         self.trim_due: asyncio.TimerHandle | None = None
 
     def flush(self) -> None:
@@ -128,15 +128,11 @@ class Runtime:
         if held is None:
             budget = self.budget if pool == "memory" else self.bodies
             held = state[pool] = Reservation(budget)
-            self.used_since_trim = True
+            if not state.get("holds_memory"):
+                state["holds_memory"] = True
+                self.holding += 1
         assert isinstance(held, Reservation)
         return held
-
-    def request_started(self) -> None:
-        self.in_flight += 1
-        if self.trim_due is not None:
-            self.trim_due.cancel()
-            self.trim_due = None
 
     def request_ended(self, scope: Scope) -> None:
         state = scope.get("state", {})
@@ -144,19 +140,29 @@ class Runtime:
             held = state.get(pool)
             if held is not None:
                 held.end()
-        self.in_flight -= 1
-        if self.in_flight == 0 and self.used_since_trim and self.settings.idle_trim_seconds:
+        if not state.get("holds_memory"):
+            return  # health checks and the like leave nothing to hand back
+        self.holding -= 1
+        self.last_held = time.monotonic()
+        delay = self.settings.idle_trim_seconds
+        if self.holding == 0 and delay and self.trim_due is None:
             loop = asyncio.get_running_loop()
-            self.trim_due = loop.call_later(self.settings.idle_trim_seconds, self._trim, loop)
+            self.trim_due = loop.call_later(delay, self._trim, loop)
 
     def _trim(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Idle since the last large request: hand freed heap pages back, so
-        that resident memory returns to its idle size (glibc otherwise keeps
-        the freed memory of every worker thread's arena)."""
+        """No request has held memory for ``idle_trim_seconds``: hand freed
+        heap pages back, so that resident memory returns to its idle size
+        (glibc otherwise keeps the freed memory of every worker thread's
+        arena). Requests that hold no memory (probes) do not delay it."""
         self.trim_due = None
-        if self.in_flight == 0:
-            self.used_since_trim = False
-            loop.run_in_executor(None, trim_freed_memory)
+        if self.holding:
+            return  # the last of those requests re-arms it when it ends
+        quiet = time.monotonic() - self.last_held
+        delay = self.settings.idle_trim_seconds
+        if quiet < delay:
+            self.trim_due = loop.call_later(delay - quiet, self._trim, loop)
+            return
+        loop.run_in_executor(None, trim_freed_memory)
 
     # ------------------------------------------------------------- where work runs
 

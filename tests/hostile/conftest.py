@@ -132,6 +132,7 @@ class Limited:
     proc: subprocess.Popen[bytes]
     cgroup: Cgroup
     statuses: list[int] = field(default_factory=list)
+    idle_rss: int = 0  # resident memory once started, before any attack
 
     def alive(self) -> bool:
         return self.proc.poll() is None and self.cgroup.oom_kills() == 0
@@ -222,7 +223,9 @@ def _start(env: dict[str, str]) -> Limited:
     procs = cgroup.path / "cgroup.procs"
     wrap = ["sh", "-c", f'echo $$ > "{procs}" && exec "$0" "$@"']
     proc, url = start_server({**SERVER_ENV, **env}, wrap=wrap)
-    return Limited(url, proc, cgroup)
+    server = Limited(url, proc, cgroup)
+    server.idle_rss = server.rss()
+    return server
 
 
 def _renice(step: int) -> int:

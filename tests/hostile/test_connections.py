@@ -5,6 +5,7 @@ defaults are 10 s and 30 s)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import socket
 import threading
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.hostile.conftest import Limited
@@ -147,10 +149,17 @@ def test_a_client_that_never_reads_its_response_is_disconnected(limited: Limited
     """A large response nobody reads would hold its memory (and its share of
     the budget) for ever: after the write timeout (the body timeout, 3 s
     here) the connection is dropped and the memory comes back."""
-    n = 2**21
-    body = (b'{"input": {"shape": [%d], "data": [' % n) + b"0.5," * (n - 1) + b"0.5]}, "
-    body += (b'"target": {"shape": [%d], "data": [' % n) + b"0," * (n - 1) + b"0]}, "
-    body += b'"reduction": "none", "grad": true}'
+    n = 2**20  # an 11 MB response: more than the socket buffers take
+    half = base64.b64encode(np.full(n, 0.5, np.float32).tobytes())
+    zero = base64.b64encode(np.zeros(n, np.float32).tobytes())
+    body = b'{"input": {"shape": [%d], "b64": "%s"}, "target": {"shape": [%d], "b64": "%s"}, ' % (
+        n,
+        half,
+        n,
+        zero,
+    )
+    # b64 in both directions: this is about the write timeout, not JSON parsing
+    body += b'"reduction": "none", "grad": true, "encoding": "b64"}'
     with limited.attack("a response nobody reads") as seen:
         socks = []
         for _ in range(4):

@@ -191,6 +191,7 @@ def test_memory_returns_to_idle_after_a_burst(limited: Limited) -> None:
     """After a burst of large requests, resident memory comes back to at most
     idle + LOSS_SERVICE_MALLOC_KEEP_BYTES within a few seconds (it is handed
     back when the server goes idle)."""
+    time.sleep(2)  # idle: what earlier attacks left has been handed back
     idle = limited.rss()
     body = json.dumps(
         {"input": b64([2048, 1000]), "target": b64([2048], np.int64, fill=3)}
