@@ -178,18 +178,6 @@ class LossCall:
     memory_bytes: int
 
 
-def evaluate_request(
-    spec: LossSpec,
-    request: LossRequestBase,
-    settings: Settings,
-    timings: Timings,
-    loc: tuple[str | int, ...] = ("body",),
-    decoded: dict[str, tuple[torch.Tensor, bool]] | None = None,
-) -> Evaluation:
-    """Decode, check and compute one validated request."""
-    return run_prepared(prepare_request(spec, request, settings, timings, loc, decoded), timings)
-
-
 def prepare_request(
     spec: LossSpec,
     request: LossRequestBase,

@@ -151,8 +151,11 @@ def decode_raw(
     budget: ElementBudget,
 ) -> tuple[torch.Tensor, bool]:
     """Decode without applying the role; also says whether the dtype was explicit
-    (an object form with a ``dtype``)."""
-    if isinstance(value, NumericArray):
+    (an object form with a ``dtype``). A tensor that arrived decoded (v2)
+    passes through with its dtype explicit; it was counted when decoded."""
+    if isinstance(value, torch.Tensor):
+        tensor, explicit = value, True
+    elif isinstance(value, NumericArray):
         budget.take(field, value.flat.size)
         tensor, explicit = _from_numeric(value, (field,), _wire_dtype(role, float_dtype)), False
     elif isinstance(value, InvalidArray):

@@ -589,8 +589,7 @@ def request_body(spec: LossSpec, call: InferCall) -> dict[str, Any]:
     for name in call.tensors:
         body[name] = 0
     if call.grad_output is not None:
-        # Decoded by compute like v1's grad_output, from this wire form.
-        body["grad_output"] = encode_tensor(call.grad_output, "b64")
+        body["grad_output"] = call.grad_output  # decoded already: passed through as is
     return body
 
 

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -180,6 +181,15 @@ RESULTS: dict[str, dict[str, float]] = {}
 
 def record(name: str, **values: float) -> None:
     RESULTS[name] = values
+
+
+def all_at_once(target: Callable[[], None], count: int) -> None:
+    """Run ``target`` in ``count`` threads at once and wait for them all."""
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def send_raw(url: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:

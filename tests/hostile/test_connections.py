@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import socket
-import threading
 import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -17,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.hostile.conftest import Limited
+from tests.hostile.conftest import Limited, all_at_once
 
 CE = "/v1/losses/cross_entropy"
 
@@ -115,11 +114,7 @@ def test_unterminated_header_lines_of_200_mb_are_a_431(limited: Limited) -> None
         assert sent < 16 * 2**20, f"the server read {sent} bytes of one header line"
 
     with limited.attack("7 x 200 MB header lines") as seen:
-        threads = [threading.Thread(target=attack) for _ in range(7)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        all_at_once(attack, 7)
         for status in statuses:
             seen(status)
     assert statuses == [431] * 7

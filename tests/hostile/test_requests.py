@@ -17,7 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.hostile.conftest import LIMIT_BYTES, Limited, record, send_raw, status_of
+from tests.hostile.conftest import (
+    LIMIT_BYTES,
+    Limited,
+    all_at_once,
+    record,
+    send_raw,
+    status_of,
+)
 
 
 def b64(shape: list[int], dtype: Any = np.float32, fill: float = 0.0) -> dict[str, Any]:
@@ -99,22 +106,16 @@ def test_a_271_byte_gzip_bomb_is_judged_by_what_it_inflates_to(limited: Limited)
     raw = head + bytes(8 * n)
     bomb = gzip.compress(raw, compresslevel=9)
     assert len(bomb) < 1024
+    results: list[httpx.Response] = []
+
+    def send() -> None:
+        results.append(httpx.post(
+            f"{limited.url}/v2/models/mse_loss/infer", content=bomb, timeout=60,
+            headers={"Content-Encoding": "gzip", HEADER_LENGTH: str(len(head))},
+        ))  # fmt: skip
+
     with limited.attack("gzip bomb") as seen:
-        threads = []
-        results: list[httpx.Response] = []
-        for _ in range(8):
-
-            def send() -> None:
-                results.append(httpx.post(
-                    f"{limited.url}/v2/models/mse_loss/infer", content=bomb, timeout=60,
-                    headers={"Content-Encoding": "gzip", HEADER_LENGTH: str(len(head))},
-                ))  # fmt: skip
-
-            threads.append(threading.Thread(target=send))
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        all_at_once(send, 8)
         for response in results:
             seen(response.status_code)
             problem(response, 413, "LOSS_SERVICE_MAX_WORK_ELEMENTS")
@@ -175,11 +176,7 @@ def test_200_concurrent_requests_at_the_size_limits_end_in_200s_and_503s(
             statuses.append(status)
 
     with limited.attack("200 concurrent max-size requests") as seen:
-        threads = [threading.Thread(target=send) for _ in range(200)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        all_at_once(send, 200)
         for status in statuses:
             seen(status)
     assert len(statuses) == 200
@@ -203,11 +200,7 @@ def test_memory_returns_to_idle_after_a_burst(limited: Limited) -> None:
         seen(status_of(response))
 
     with limited.attack("burst then idle") as seen:
-        threads = [threading.Thread(target=send) for _ in range(200)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        all_at_once(send, 200)
     keep = LIMIT_BYTES // 2 // 8  # the default keep: an eighth of the budget (half the limit)
     deadline = time.monotonic() + 5
     while limited.rss() > idle + keep and time.monotonic() < deadline:
