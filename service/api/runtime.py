@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -75,11 +75,14 @@ def parse_bytes(body: Body) -> int:
 
 
 def _count(body: Body, byte: bytes, step: int = 1024 * 1024) -> int:
-    """``body.count(byte)`` a megabyte at a time: each piece holds the GIL for
-    about a millisecond, so the event loop is never kept waiting long."""
-    if isinstance(body, memoryview):
-        return sum(bytes(body[i : i + step]).count(byte) for i in range(0, len(body), step))
-    return sum(body.count(byte, i, i + step) for i in range(0, len(body), step))
+    """How often ``byte`` occurs in ``body``, a megabyte at a time: numpy
+    compares with SIMD (about 3x ``bytes.count``) and each piece holds the GIL
+    for well under a millisecond."""
+    array = np.frombuffer(body, np.uint8)
+    code = byte[0]
+    return sum(
+        int(np.count_nonzero(array[i : i + step] == code)) for i in range(0, len(array), step)
+    )
 
 
 class Runtime:
@@ -324,9 +327,9 @@ async def read_body(request: Request, limit: int, *, align: int = 0) -> Body:
     reader = BodyReader(request.receive, rt, rt.reservation(request.scope, "body_memory"))
     try:
         if declared is not None and declared > PREALLOCATE_MIN_BYTES:
-            body: Body = await reader.read_into(declared, align)
+            body: Body = await reader.watched(reader.read_into(declared, align))
         else:
-            body = await reader.read_chunks(limit)
+            body = await reader.watched(reader.read_chunks(limit))
         request.scope.setdefault("state", {})["body_read"] = True
         return body
     except ClientDisconnect:
@@ -343,15 +346,46 @@ class BodyReader:
         self.held = held
         self.queue_timeout = rt.settings.queue_timeout
         self.body_timeout = rt.settings.body_timeout
+        self.last = 0.0  # time.monotonic() of the last body bytes
+
+    async def watched(self, reading: Awaitable[T]) -> T:
+        """``reading``, cancelled with a 408 once no body bytes have arrived
+        for the body timeout: one timer for the whole body (a timeout per
+        chunk cost more than copying the chunk)."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        timed_out = False
+        handle: asyncio.TimerHandle | None = None
+
+        def check() -> None:
+            nonlocal handle, timed_out
+            idle = time.monotonic() - self.last
+            if idle >= self.body_timeout:
+                timed_out = True
+                task.cancel()
+            else:
+                handle = loop.call_later(self.body_timeout - idle, check)
+
+        self.last = time.monotonic()
+        handle = loop.call_later(self.body_timeout, check)
+        try:
+            return await reading
+        except asyncio.CancelledError:
+            if not timed_out:
+                raise
+            task.uncancel()
+            raise RequestTimeout(
+                f"no body bytes arrived for {self.body_timeout:g} s (LOSS_SERVICE_BODY_TIMEOUT)"
+            ) from None
+        finally:
+            if handle is not None:
+                handle.cancel()
 
     async def next_chunk(self) -> tuple[bytes, bool]:
         """The next piece of the body, and whether more follows."""
-        with anyio.move_on_after(self.body_timeout) as idle:
-            message = await self.receive()
-        if idle.cancelled_caught:
-            raise RequestTimeout(
-                f"no body bytes arrived for {self.body_timeout:g} s (LOSS_SERVICE_BODY_TIMEOUT)"
-            )
+        message = await self.receive()
+        self.last = time.monotonic()
         if message["type"] != "http.request":
             raise ClientDisconnect()
         chunk: bytes = message.get("body", b"")
@@ -361,6 +395,7 @@ class BodyReader:
                 len(chunk), deadline, "the request body", holding=self.held.held
             )
             self.held.add(len(chunk))
+            self.last = time.monotonic()
         return chunk, message.get("more_body", False)
 
     async def read_chunks(self, limit: int) -> bytes:
