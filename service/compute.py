@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -207,7 +207,11 @@ def prepare_request(
     except InvalidPayload as exc:
         raise _relocate(exc, loc) from None
     shapes = {k: tuple(v.shape) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
-    cost = predict(spec, shapes, _cost_hints(tensors, options), grad_names)
+    hints = _cost_hints(tensors, options)
+    try:
+        cost = _predict_cached(spec, tuple(shapes.items()), tuple(hints.items()), tuple(grad_names))
+    except TypeError:  # an option value that cannot be a cache key
+        cost = predict(spec, shapes, hints, grad_names)
     if cost.work_elements > settings.max_work_elements:
         raise PayloadTooLarge(
             f"{spec.name} with these shapes ({_describe_shapes(shapes)}, reduction "
@@ -220,6 +224,18 @@ def prepare_request(
         spec, request, tensors, options, grad_names, device, budget, loc, cost,
         memory_bytes=_memory_bytes(cost, tensors, grad_names, request.encoding, binary_outputs),
     )  # fmt: skip
+
+
+@lru_cache(maxsize=4096)
+def _predict_cached(
+    spec: LossSpec,
+    shapes: tuple[tuple[str, tuple[int, ...]], ...],
+    hints: tuple[tuple[str, Any], ...],
+    grad: tuple[str, ...],
+) -> Cost:
+    """``predict``, remembered: clients repeat their shapes, and a prediction
+    costs more than the small loss call it guards."""
+    return predict(spec, dict(shapes), dict(hints), grad)
 
 
 def _cost_hints(tensors: Tensors, options: dict[str, Any]) -> dict[str, Any]:

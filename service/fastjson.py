@@ -108,8 +108,7 @@ def loads(body: bytes | bytearray | memoryview) -> Any:
         raise _invalid(text) from None
     # Only a conversion that ends normally leaves no proxy of this document
     # alive (an exception's traceback holds them); only then is the parser reused.
-    brackets = int(np.count_nonzero(np.frombuffer(body, np.uint8) == ord("[")))
-    result = _Converter(brackets, len(body)).convert(document)
+    result = _Converter(body).convert(document)
     del document
     _give_back(parser, len(body))
     return result
@@ -126,6 +125,15 @@ def _orjson(body: bytes | bytearray | memoryview) -> Any:
                 f"a tensor has at most {MAX_DIMS} dimensions"
             ) from None
         raise _invalid(text) from None
+
+
+def _count_brackets(body: bytes | bytearray | memoryview, step: int = 1 << 20) -> int:
+    """How many "[" the body holds, a megabyte at a time (no body-sized temporary)."""
+    array = np.frombuffer(body, np.uint8)
+    bracket = ord("[")
+    return sum(
+        int(np.count_nonzero(array[i : i + step] == bracket)) for i in range(0, len(array), step)
+    )
 
 
 def _take_parser(size: int) -> simdjson.Parser:
@@ -182,10 +190,13 @@ class _Converter:
     number by number, where it hides one).
     """
 
-    def __init__(self, brackets: int, size: int) -> None:
-        self.brackets = brackets  # "[" in the body
-        self.max_numbers = size // 2 + 1  # a number and its comma take 2 bytes at least
+    def __init__(self, body: bytes | bytearray | memoryview) -> None:
+        self.body = body
+        self.max_numbers = len(body) // 2 + 1  # a number and its comma take 2 bytes at least
         self.accounted = 0
+        # strings are counted only when some array was decoded (a body of
+        # base64 strings is never scanned for "[")
+        self.strings: list[str] = []
         self.decoded: list[tuple[dict[str, Any] | list[Any], Any, simdjson.Array, list[int]]] = []
         self.invalid = False
 
@@ -196,7 +207,7 @@ class _Converter:
             top = stack[-1]
             for key, item in top.items:
                 if isinstance(key, str):
-                    self.accounted += key.count("[")
+                    self.strings.append(key)
                 value, child = self.start(item, [*top.path, key] if top.indexed else top.path)
                 if isinstance(top.out, dict):
                     top.out[key] = value
@@ -226,7 +237,7 @@ class _Converter:
         """A scalar as it is, a numeric array decoded, or an empty container
         and the record that fills it."""
         if isinstance(value, str):
-            self.accounted += value.count("[")
+            self.strings.append(value)
             return value, None
         if isinstance(value, simdjson.Object):
             if len(value) > MAX_KEYS:
@@ -258,7 +269,11 @@ class _Converter:
         return value, None
 
     def check_decoded(self) -> None:
-        if self.invalid or self.accounted == self.brackets:
+        if self.invalid or not self.decoded:
+            self.decoded.clear()
+            return
+        self.accounted += sum(text.count("[") for text in self.strings)
+        if self.accounted == _count_brackets(self.body):
             self.decoded.clear()
             return
         # rare: a "[" unaccounted for (or a string's "\u005b"): check each array

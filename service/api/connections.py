@@ -112,18 +112,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.awaiting_headers = False
-        self._disarm_header_timer()
         size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
         if size > self.max_header_bytes:
             self.refused = True
+            self._disarm_header_timer()
             return
+        # the timer runs on until the body's first bytes (the application reads
+        # a small body without a timeout of its own)
+        if not self._has_body():
+            self._disarm_header_timer()
         super().on_headers_complete()
 
+    def _has_body(self) -> bool:
+        for name, value in self.headers:
+            if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+                return True
+        return False
+
     def on_body(self, body: bytes) -> None:
+        self._disarm_header_timer()
         if not self.refused:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._disarm_header_timer()
         if not self.refused:
             super().on_message_complete()
 
@@ -140,13 +152,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _header_timed_out(self) -> None:
         self.header_timer = None
-        if not self.awaiting_headers or self.transport.is_closing():
+        if self.transport.is_closing():
             return
-        self._refuse(
-            408,
-            f"the request headers did not arrive within {self.header_timeout:g} s "
-            "(LOSS_SERVICE_HEADER_TIMEOUT)",
-        )
+        if self.awaiting_headers:
+            what = "the request headers did not arrive"
+        else:
+            what = "no body bytes came after the request headers"
+            if self.cycle is not None:
+                self.cycle.disconnected = True  # the application's read ends
+                self.cycle.message_event.set()
+        self._refuse(408, f"{what} within {self.header_timeout:g} s (LOSS_SERVICE_HEADER_TIMEOUT)")
 
     def _refuse(self, status: int, detail: str) -> None:
         """Answer ``status`` with problem details and close the connection."""

@@ -18,7 +18,7 @@ import anyio.to_thread
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope
+from starlette.types import Message, Receive, Scope
 
 from service import fastjson
 from service.compute import Prepared
@@ -66,11 +66,12 @@ JSON_PARSE_BYTES_PER_VALUE = 32
 Admit = Callable[[int, str], None]
 
 
-def parse_bytes(body: Body) -> int:
-    """What parsing a JSON body is predicted to hold beside the body."""
+def parse_bytes(body: Body, commas: int | None = None) -> int:
+    """What parsing a JSON body is predicted to hold beside the body
+    (``commas``: counted already, as the body arrived)."""
     if len(body) < PREALLOCATE_MIN_BYTES:
         return len(body) * 16
-    values = _count(body, b",")
+    values = commas if commas is not None else _count(body, b",")
     return len(body) * JSON_PARSE_BYTES_PER_BYTE + (values + 1) * JSON_PARSE_BYTES_PER_VALUE
 
 
@@ -187,14 +188,15 @@ class Runtime:
         hold before they are computed.
         """
         deadline = time.monotonic() + self.settings.queue_timeout
-        held = self.reservation(request.scope)
         if not compressed and wire_bytes <= self.settings.inline_max_body_bytes:
             prepared = prepare(_admit_inline)
             if prepared.memory_bytes <= INLINE_MAX_WORK_BYTES:
                 return prepared.finish()
+            held = self.reservation(request.scope)
             return await self.run(
                 self._reserve_and_finish, prepared, held, deadline, 0, held=held, deadline=deadline
             )
+        held = self.reservation(request.scope)
         return await self.run(self._in_pool, prepare, held, deadline, held=held, deadline=deadline)
 
     def _in_pool(
@@ -301,7 +303,9 @@ def runtime(request: Request) -> Runtime:
     return value
 
 
-async def read_body(request: Request, limit: int, *, align: int = 0) -> Body:
+async def read_body(
+    request: Request, limit: int, *, align: int = 0, count_commas: bool = False
+) -> Body:
     """The whole body, refused with 413 as soon as it is known to exceed ``limit``.
 
     Every byte counts against the memory budget as it arrives (a request
@@ -312,28 +316,60 @@ async def read_body(request: Request, limit: int, *, align: int = 0) -> Body:
     announced 64 MiB holds nothing. With ``align`` (where raw tensor bytes
     start: the v2 binary extension's JSON header length), the buffer is placed
     so that they start 64-byte aligned and the tensors use them in place.
+    With ``count_commas`` (a JSON body), its commas are counted piece by piece
+    as it arrives, for ``parse_bytes``: the count overlaps the upload instead
+    of costing a pass of its own (``body_commas`` in the scope's state).
     """
     length = header(request, b"content-length")
-    declared = int(length) if length is not None and length.isascii() and length.isdigit() else None
+    declared = (
+        int(length)
+        if length is not None and length.isascii() and length.isdigit() and len(length) < 19
+        else None
+    )
     if declared is not None and declared > limit:
         raise PayloadTooLarge(
             f"request body of {declared} bytes exceeds the limit of {limit} bytes "
             "(LOSS_SERVICE_MAX_BODY_BYTES)"
         )
     rt = runtime(request)
+    receive = request.receive
+    if declared is not None and declared <= PREALLOCATE_MIN_BYTES:
+        # A small body almost always came with its headers: one message, taken
+        # as it is (no reservation: the server buffers this much per
+        # connection anyway; a client that sends no body at all meets the
+        # connection layer's header timeout, which runs until body bytes come).
+        first = await receive()
+        if first["type"] == "http.request" and not first.get("more_body", False):
+            request.scope.setdefault("state", {})["body_read"] = True
+            body: Body = first.get("body", b"")
+            return body
+        receive = _replay(first, receive)
     if declared is not None and rt.bodies.used + declared > rt.bodies.limit:
         # refused before the client uploads any of it
         raise rt.bodies.refusal(declared, "the request body")
-    reader = BodyReader(request.receive, rt, rt.reservation(request.scope, "body_memory"))
+    reader = BodyReader(receive, rt, rt.reservation(request.scope, "body_memory"))
+    reader.commas = 0 if count_commas else None
     try:
         if declared is not None and declared > PREALLOCATE_MIN_BYTES:
-            body: Body = await reader.watched(reader.read_into(declared, align))
+            body = await reader.watched(reader.read_into(declared, align))
         else:
             body = await reader.watched(reader.read_chunks(limit))
-        request.scope.setdefault("state", {})["body_read"] = True
+        state = request.scope.setdefault("state", {})
+        state["body_read"] = True
+        state["body_commas"] = reader.commas
         return body
     except ClientDisconnect:
         raise BadRequest("the client disconnected before sending the whole body") from None
+
+
+def _replay(first: Message, receive: Receive) -> Receive:
+    """``receive`` with ``first`` (already received) in front."""
+    pending = [first]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 class BodyReader:
@@ -347,6 +383,7 @@ class BodyReader:
         self.queue_timeout = rt.settings.queue_timeout
         self.body_timeout = rt.settings.body_timeout
         self.last = 0.0  # time.monotonic() of the last body bytes
+        self.commas: int | None = None  # counted as the body arrives, when not None
 
     async def watched(self, reading: Awaitable[T]) -> T:
         """``reading``, cancelled with a 408 once no body bytes have arrived
@@ -390,12 +427,15 @@ class BodyReader:
             raise ClientDisconnect()
         chunk: bytes = message.get("body", b"")
         if chunk:
-            deadline = time.monotonic() + self.queue_timeout
-            await self.budget.reserve(
-                len(chunk), deadline, "the request body", holding=self.held.held
-            )
+            if not self.budget.try_reserve(len(chunk)):
+                deadline = time.monotonic() + self.queue_timeout
+                await self.budget.reserve(
+                    len(chunk), deadline, "the request body", holding=self.held.held
+                )
             self.held.add(len(chunk))
             self.last = time.monotonic()
+            if self.commas is not None:
+                self.commas += _count(chunk, b",")
         return chunk, message.get("more_body", False)
 
     async def read_chunks(self, limit: int) -> bytes:

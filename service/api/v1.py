@@ -59,12 +59,13 @@ def json_response(content: Any, headers: dict[str, str] | None = None) -> Respon
 async def serve_loss(request: Request, spec: LossSpec) -> Response:
     require_json(request)
     rt = runtime(request)
-    body = await read_body(request, rt.settings.max_body_bytes)
+    body = await read_body(request, rt.settings.max_body_bytes, count_commas=True)
     encoding = header(request, b"content-encoding") or ""
+    commas = request.scope["state"].get("body_commas")
     timings = Timings()
 
     def prepare(admit: Admit) -> Prepared[bytes]:
-        payload = _parse_body(body, encoding, rt.settings, timings, admit)
+        payload = _parse_body(body, encoding, rt.settings, timings, admit, commas)
         evaluation = compute.prepare(spec, payload, rt.settings, timings)
 
         def finish() -> bytes:
@@ -84,13 +85,18 @@ async def serve_loss(request: Request, spec: LossSpec) -> Response:
 
 
 def _parse_body(
-    body: Body, encoding: str, settings: Settings, timings: Timings, admit: Admit
+    body: Body,
+    encoding: str,
+    settings: Settings,
+    timings: Timings,
+    admit: Admit,
+    commas: int | None = None,
 ) -> Any:
     """The JSON of a request body, decompressed first when it says so; what
     decompressing and parsing hold is reserved in the memory budget first."""
     start = time.perf_counter()
     raw = decompress(body, encoding, settings.max_body_bytes, admit)
-    admit(parse_bytes(raw), "parsing the request body")
+    admit(parse_bytes(raw, commas if raw is body else None), "parsing the request body")
     payload = parse_json(raw)
     timings.decode += time.perf_counter() - start
     return payload
@@ -217,12 +223,13 @@ def build_router() -> APIRouter:
         """Evaluate many losses in one request; each item fails alone."""
         require_json(request)
         rt = runtime(request)
-        body = await read_body(request, rt.settings.max_body_bytes)
+        body = await read_body(request, rt.settings.max_body_bytes, count_commas=True)
         encoding = header(request, b"content-encoding") or ""
+        commas = request.scope["state"].get("body_commas")
         timings = Timings()
 
         def prepare(admit: Admit) -> Prepared[bytes]:
-            payload = _parse_body(body, encoding, rt.settings, timings, admit)
+            payload = _parse_body(body, encoding, rt.settings, timings, admit, commas)
             return _prepare_batch(payload, rt.settings, timings)
 
         content = await rt.evaluate(
