@@ -15,7 +15,14 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from service.config import Settings
-from service.errors import FieldError, InvalidPayload, Overloaded, PayloadTooLarge, invalid
+from service.errors import (
+    FieldError,
+    InvalidPayload,
+    Overloaded,
+    PayloadTooLarge,
+    invalid,
+    quote,
+)
 from service.losses import LossSpec
 from service.losses.cost import Cost, predict, predicted_bytes
 from service.losses.registry import Tensors
@@ -109,7 +116,7 @@ def resolve_device(requested: str | None, default: str) -> torch.device:
         return device
     raise invalid(
         loc,
-        f"device {name!r} is not available on this server; it has "
+        f"device {quote(name)} is not available on this server; it has "
         f'{", ".join(available_devices())} (or use "auto")',
     )
 
@@ -387,7 +394,7 @@ def grad_targets(spec: LossSpec, request: LossRequestBase, tensors: Tensors) -> 
             )
             raise invalid(
                 "grad",
-                f"cannot differentiate {spec.name} with respect to {name!r}: it {why}; "
+                f"cannot differentiate {spec.name} with respect to {quote(name)}: it {why}; "
                 f"differentiable arguments: {', '.join(differentiable) or 'none'}",
             )
         if name not in names:

@@ -560,3 +560,15 @@ def test_a_bad_batch_item_fails_alone(client: TestClient) -> None:
         problem = results[index]["error"]
         assert problem["status"] == 422
         assert problem["errors"][0]["loc"][:3] == ["body", "items", index]
+
+
+def test_long_names_are_quoted_at_most_200_characters(client: TestClient) -> None:
+    """A 5000-character loss name or device is cut in the message, and the 404
+    still lists the known losses."""
+    response = client.post("/v1/losses/" + "x" * 5000, json={})
+    assert response.status_code == 404
+    assert "x" * 201 not in response.text and "cross_entropy" in response.json()["detail"]
+    body = {"input": [1.0], "target": [1.0], "device": "y" * 5000}
+    response = client.post("/v1/losses/mse_loss", json=body)
+    assert response.status_code == 422
+    assert "y" * 201 not in response.text and "cpu" in response.json()["detail"]

@@ -29,6 +29,7 @@ from service.errors import (
     PayloadTooLarge,
     RequestTimeout,
     UnsupportedMediaType,
+    quote,
 )
 from service.limits import MemoryBudget, Reservation, default_budget, trim_freed_memory
 from service.logs import AccessLog
@@ -536,7 +537,7 @@ def require_json(request: Request) -> None:
     media = (header(request, b"content-type") or "").split(";")[0].strip().lower()
     if media not in JSON_TYPES and not media.endswith("+json"):
         raise UnsupportedMediaType(
-            f"content type {media!r} is not supported; send application/json"
+            f"content type {quote(media)} is not supported; send application/json"
         )
 
 

@@ -312,7 +312,7 @@ def parse_infer(
     unknown = set(payload) - {"id", "parameters", "inputs", "outputs"}
     if unknown:
         raise BadRequest(
-            f"unknown field(s) {sorted(unknown)} in the inference request; expected "
+            f"unknown field(s) {quote(sorted(unknown))} in the inference request; expected "
             "id, parameters, inputs, outputs"
         )
     request_id = payload.get("id")
@@ -340,7 +340,7 @@ def parse_infer(
         name, tensor, size = _decode_input(spec, index, item, binary, offset, budget)
         offset += size
         if name in tensors or (name == "grad_output" and grad_output is not None):
-            raise BadRequest(f"input {name!r} is given twice")
+            raise BadRequest(f"input {quote(name)} is given twice")
         if name == "grad_output":
             grad_output = tensor
         else:
@@ -506,22 +506,24 @@ def _parse_outputs(spec: LossSpec, raw: Any) -> list[OutputRequest] | None:
         name: str = item["name"]
         if name not in known:
             raise BadRequest(
-                f"unknown output {name!r}; model {spec.name} has outputs {', '.join(known)}"
+                f"unknown output {quote(name)}; model {spec.name} has outputs {', '.join(known)}"
             )
         if any(o.name == name for o in outputs):
-            raise BadRequest(f"output {name!r} is requested twice")
+            raise BadRequest(f"output {quote(name)} is requested twice")
         parameters = item.get("parameters") or {}
         if not isinstance(parameters, dict):
-            raise BadRequest(f"output {name!r}: parameters must be a JSON object")
+            raise BadRequest(f"output {quote(name)}: parameters must be a JSON object")
         unknown = set(parameters) - {"binary_data"}
         if unknown:
             raise BadRequest(
-                f"output {name!r}: unsupported parameter(s) {sorted(unknown)} "
+                f"output {quote(name)}: unsupported parameter(s) {quote(sorted(unknown))} "
                 "(only binary_data; classification and shared memory are not supported)"
             )
         binary = parameters.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
-            raise BadRequest(f"output {name!r}: binary_data must be a boolean, got {quote(binary)}")
+            raise BadRequest(
+                f"output {quote(name)}: binary_data must be a boolean, got {quote(binary)}"
+            )
         outputs.append(OutputRequest(name, binary))
     return outputs
 
@@ -564,11 +566,11 @@ def request_body(spec: LossSpec, call: InferCall) -> dict[str, Any]:
             continue
         if key not in allowed:
             raise BadRequest(
-                f"unknown parameter {key!r} for model {spec.name}; expected "
+                f"unknown parameter {quote(key)} for model {spec.name}; expected "
                 f"{', '.join(sorted(allowed - set(DEPRECATED_OPTIONS)))} or binary_data_output"
             )
         if key in call.tensors:
-            raise BadRequest(f"{key!r} is given both as an input and as a parameter")
+            raise BadRequest(f"{quote(key)} is given both as an input and as a parameter")
         body[key] = value
     grad = _grad_parameter(body.get("grad", False))
     wanted = [
@@ -693,7 +695,8 @@ def _model(name: str, version: str) -> LossSpec:
     spec = resolve(name)
     if version != MODEL_VERSION:
         raise NotFound(
-            f"model {spec.name} has no version {version!r}; its only version is {MODEL_VERSION!r}"
+            f"model {spec.name} has no version {quote(version)}; "
+            f"its only version is {MODEL_VERSION!r}"
         )
     return spec
 

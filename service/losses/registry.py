@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from service.errors import UnknownLoss
+from service.errors import UnknownLoss, quote
 from service.losses.cost import CostFn
 
 ArgRole = Literal["float", "index", "class_target", "float_or_number"]
@@ -148,7 +148,7 @@ def resolve(name: str) -> LossSpec:
     canonical = _ALIASES.get(name.lower())
     if canonical is None:
         raise UnknownLoss(
-            f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))} "
+            f"unknown loss {quote(name)}; known losses: {', '.join(sorted(LOSSES))} "
             "(torch.nn class names such as CrossEntropyLoss are accepted too)"
         )
     return LOSSES[canonical]
