@@ -127,12 +127,13 @@ def _orjson(body: bytes | bytearray | memoryview) -> Any:
         raise _invalid(text) from None
 
 
-def _count_brackets(body: bytes | bytearray | memoryview, step: int = 1 << 20) -> int:
-    """How many "[" the body holds, a megabyte at a time (no body-sized temporary)."""
+def count_byte(body: bytes | bytearray | memoryview, byte: int, step: int = 1 << 20) -> int:
+    """How often ``byte`` occurs in ``body``, a megabyte at a time: numpy
+    compares with SIMD (about 3x ``bytes.count``), needs no body-sized
+    temporary, and each piece holds the GIL for well under a millisecond."""
     array = np.frombuffer(body, np.uint8)
-    bracket = ord("[")
     return sum(
-        int(np.count_nonzero(array[i : i + step] == bracket)) for i in range(0, len(array), step)
+        int(np.count_nonzero(array[i : i + step] == byte)) for i in range(0, len(array), step)
     )
 
 
@@ -273,7 +274,7 @@ class _Converter:
             self.decoded.clear()
             return
         self.accounted += sum(text.count("[") for text in self.strings)
-        if self.accounted == _count_brackets(self.body):
+        if self.accounted == count_byte(self.body, ord("[")):
             self.decoded.clear()
             return
         # rare: a "[" unaccounted for (or a string's "\u005b"): check each array

@@ -103,7 +103,6 @@ class MemoryBudget:
         self.limit = limit
         self.name = name
         self.used = 0
-        self.peak = 0
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._waiting_held = 0  # bytes held by callers that wait for room
@@ -124,7 +123,6 @@ class MemoryBudget:
             if self.used + n > self.limit:
                 return False
             self.used += n
-            self.peak = max(self.peak, self.used)
             return True
 
     def release(self, n: int) -> None:
@@ -190,7 +188,6 @@ class MemoryBudget:
                         raise self._overloaded(n, what)
                     self._room.wait(remaining)
                 self.used += n
-                self.peak = max(self.peak, self.used)
             finally:
                 self._waiting_held -= holding
 
@@ -252,7 +249,7 @@ class Reservation:
 # --------------------------------------------------------------------------- freed memory
 
 
-def _libc_function(name: str) -> Callable[..., int] | None:
+def libc_function(name: str) -> Callable[..., int] | None:
     try:
         function: Callable[..., int] = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):  # musl, macOS
@@ -263,7 +260,7 @@ def _libc_function(name: str) -> Callable[..., int] | None:
 def trim_freed_memory() -> bool:
     """Give the pages of freed heap memory back to the system (glibc
     ``malloc_trim``); False where there is no such call."""
-    trim = _libc_function("malloc_trim")
+    trim = libc_function("malloc_trim")
     if trim is None:
         return False
     trim(0)

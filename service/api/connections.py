@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.api.problems import PROBLEM_TYPE
+from service.api.problems import PROBLEM_TYPE, has_body
 from service.config import settings
 
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
@@ -119,15 +119,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         # the timer runs on until the body's first bytes (the application reads
         # a small body without a timeout of its own)
-        if not self._has_body():
+        if not has_body(self.headers):
             self._disarm_header_timer()
         super().on_headers_complete()
-
-    def _has_body(self) -> bool:
-        for name, value in self.headers:
-            if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-                return True
-        return False
 
     def on_body(self, body: bytes) -> None:
         self._disarm_header_timer()

@@ -4,6 +4,7 @@ routes, ``{"error": "..."}`` on the Open Inference Protocol (v2) routes."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -39,7 +40,7 @@ def error_response(request: Request, error: ServiceError) -> Response:
         content = orjson.dumps(problem_body(error))
         media_type = "application/problem+json"
     headers = error.headers
-    if _body_unread(request):
+    if not request.scope.get("state", {}).get("body_read") and has_body(request.scope["headers"]):
         # answered before its body was read (refused from its headers, or
         # part-way): closing the connection stops the upload, where keeping
         # it would read and discard the rest of the body on the event loop
@@ -47,14 +48,12 @@ def error_response(request: Request, error: ServiceError) -> Response:
     return Response(content, status_code=error.status, media_type=media_type, headers=headers)
 
 
-def _body_unread(request: Request) -> bool:
-    if request.scope.get("state", {}).get("body_read"):
-        return False
-    headers = request.scope.get("headers", [])
-    for name, value in headers:
-        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-            return True
-    return False
+def has_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's (lower-case) headers announce a body."""
+    return any(
+        name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
+        for name, value in headers
+    )
 
 
 class _HTTPProblem(ServiceError):

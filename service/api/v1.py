@@ -4,6 +4,7 @@ the catalog and batches."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -57,16 +58,8 @@ def json_response(content: Any, headers: dict[str, str] | None = None) -> Respon
 
 
 async def serve_loss(request: Request, spec: LossSpec) -> Response:
-    require_json(request)
-    rt = runtime(request)
-    body = await read_body(request, rt.settings.max_body_bytes, count_commas=True)
-    encoding = header(request, b"content-encoding") or ""
-    commas = request.scope["state"].get("body_commas")
-    timings = Timings()
-
-    def prepare(admit: Admit) -> Prepared[bytes]:
-        payload = _parse_body(body, encoding, rt.settings, timings, admit, commas)
-        evaluation = compute.prepare(spec, payload, rt.settings, timings)
+    def make(payload: Any, settings: Settings, timings: Timings) -> Prepared[bytes]:
+        evaluation = compute.prepare(spec, payload, settings, timings)
 
         def finish() -> bytes:
             result = evaluation.finish()
@@ -76,6 +69,26 @@ async def serve_loss(request: Request, spec: LossSpec) -> Response:
             return content
 
         return Prepared(evaluation.memory_bytes, finish)
+
+    return await _serve_json(request, make)
+
+
+async def _serve_json(
+    request: Request, make: Callable[[Any, Settings, Timings], Prepared[bytes]]
+) -> Response:
+    """A JSON compute route: read the body (its commas counted as it
+    arrives), then parse it and ``make`` the costed work where the runtime
+    decides, and answer with its Server-Timing."""
+    require_json(request)
+    rt = runtime(request)
+    body = await read_body(request, rt.settings.max_body_bytes, count_commas=True)
+    encoding = header(request, b"content-encoding") or ""
+    commas = request.scope["state"].get("body_commas")
+    timings = Timings()
+
+    def prepare(admit: Admit) -> Prepared[bytes]:
+        payload = _parse_body(body, encoding, rt.settings, timings, admit, commas)
+        return make(payload, rt.settings, timings)
 
     content = await rt.evaluate(
         request, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
@@ -221,22 +234,7 @@ def build_router() -> APIRouter:
     )
     async def batch(request: Request) -> Response:
         """Evaluate many losses in one request; each item fails alone."""
-        require_json(request)
-        rt = runtime(request)
-        body = await read_body(request, rt.settings.max_body_bytes, count_commas=True)
-        encoding = header(request, b"content-encoding") or ""
-        commas = request.scope["state"].get("body_commas")
-        timings = Timings()
-
-        def prepare(admit: Admit) -> Prepared[bytes]:
-            payload = _parse_body(body, encoding, rt.settings, timings, admit, commas)
-            return _prepare_batch(payload, rt.settings, timings)
-
-        content = await rt.evaluate(
-            request, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
-        )
-        request.scope["state"]["loss_stats"] = timings.stats()
-        return RawResponse(content, b"application/json", [(b"server-timing", timings.header())])
+        return await _serve_json(request, _prepare_batch)
 
     return router
 
