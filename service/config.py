@@ -83,6 +83,12 @@ class Settings(BaseSettings):
         "service goes idle; 0 keeps glibc's defaults; unset = an eighth of the memory "
         "budget, at most 512 MiB",
     )
+    pin_body_memory: bool | None = Field(
+        None,
+        description="Receive large v2 binary bodies into page-locked (pinned) host memory, so "
+        "that their tensors reach a CUDA device at full DMA speed instead of through the "
+        "driver's pageable staging copy; unset = on where the default device is CUDA",
+    )
     shutdown_drain_seconds: float = Field(
         0.0,
         ge=0,

@@ -77,3 +77,43 @@ def test_body_bytes_count_against_the_memory_budget_as_they_arrive() -> None:
 def test_a_small_body_comes_back_as_sent() -> None:
     read = asyncio.run(read_body(request_with(b'{"a": 1}'), 1 << 30, align=3))
     assert bytes(read) == b'{"a": 1}'
+
+
+def test_pinning_asked_for_without_cuda_changes_nothing() -> None:
+    """LOSS_SERVICE_PIN_BODY_MEMORY=true on a machine without CUDA: bodies
+    stay pageable, and a large v2 binary body still computes exactly."""
+    import orjson
+    import torch.nn.functional as F
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: tests/test_cuda.py covers pinning")
+    app = create_app(Settings(pin_body_memory=True))
+    assert app.state.runtime.pin_bodies is False
+    x = torch.randn(1024, 512, generator=torch.Generator().manual_seed(3))
+    target = torch.arange(1024) % 512
+    raw_x, raw_t = x.numpy().tobytes(), target.numpy().tobytes()
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": [1024, 512], "datatype": "FP32",
+                 "parameters": {"binary_data_size": len(raw_x)}},
+                {"name": "target", "shape": [1024], "datatype": "INT64",
+                 "parameters": {"binary_data_size": len(raw_t)}},
+            ]
+        }
+    )  # fmt: skip
+    with TestClient(app) as client:
+        response = client.post(
+            "/v2/models/cross_entropy/infer",
+            content=header + raw_x + raw_t,
+            headers={
+                "content-type": "application/octet-stream",
+                "inference-header-content-length": str(len(header)),
+            },
+        )
+    assert response.status_code == 200, response.text
+    value = response.json()["outputs"][0]["data"][0]
+    assert np.float32(value) == F.cross_entropy(x, target).item()
