@@ -10,7 +10,10 @@
    card's free memory must get 503 (Retry-After), and the service must go on
    answering.
 3. Performance: large cross_entropy end to end over the v2 binary extension
-   and v1 b64 JSON, against the in-process CUDA call in the same run.
+   and v1 b64 JSON, sent by curl (a client that is not the bottleneck), each
+   beside the bare ASGI app receiving the same bytes and answering as many (the
+   ceiling) and the in-process CUDA call, in the same run; on CUDA also with
+   the body received into pageable instead of pinned memory.
 
 It writes a short markdown report and exits 1 if any check failed. Without
 CUDA it is a dry run that claims nothing and exits 0; ``--rehearse-on-cpu``
@@ -41,7 +44,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -253,6 +256,7 @@ class Report:
     seed_ok: bool = False
     errors: list[str] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    transport: str = ""
 
     @property
     def failures(self) -> list[Outcome]:
@@ -319,20 +323,28 @@ class Service:
 
 
 @contextmanager
-def service(rehearsal: bool, work: Path) -> Iterator[Service]:
+def service(
+    rehearsal: bool, work: Path, name: str = "service", extra: dict[str, str] | None = None
+) -> Iterator[Service]:
     """``python -m service.cli serve`` as a real process, default device ``auto``
-    (``cpu`` for a rehearsal), limits raised for the benchmark's bodies."""
+    (``cpu`` for a rehearsal), limits raised for the benchmark's bodies; with
+    ``name="bare"``, bench/apps/bare_asgi.py under uvicorn instead (the ceiling)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOSS_SERVICE_")}
     env.update(SERVICE_LIMITS)
+    env.update(extra or {})
     env["LOSS_SERVICE_HOST"] = "127.0.0.1"
     if rehearsal:
         env["LOSS_SERVICE_DEVICE"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    log = work / "service.log"
+    log = work / f"{name}.log"
+    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    if name == "bare":
+        command = [sys.executable, "-m", "uvicorn", "bench.apps.bare_asgi:app", "--port",
+                   str(port), "--no-access-log", "--log-level", "warning"]  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            command,
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -865,34 +877,154 @@ def server_timing(header: str) -> dict[str, float]:
     return out
 
 
+@dataclass
+class Reply:
+    """One response as the transport saw it (the parts the checks read)."""
+
+    status_code: int
+    headers: dict[str, str]  # names in lower case
+    content: bytes  # empty where the transport was told not to keep it
+    seconds: float
+    size: int  # response body bytes received
+
+    def json(self) -> Any:
+        import orjson
+
+        return orjson.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+
+class Transport:
+    """Sends a pre-built body and times the round trip with a client that is not
+    the bottleneck, so that the rows measure the server: curl where it is
+    installed (the body from a file, the response to a file or /dev/null, its
+    own ``time_total``), else httpx sending the body in 1 MiB memoryview pieces
+    with a Content-Length (about 8x faster than one ``bytes`` body, but slower
+    than curl). The service and the bare app are timed with the same one."""
+
+    def __init__(self, work: Path) -> None:
+        self.curl = shutil.which("curl")
+        self.work = work
+        self.files: dict[tuple[int, int], Path] = {}
+        if self.curl:
+            version = subprocess.run(
+                [self.curl, "--version"], capture_output=True, text=True, check=False
+            ).stdout.split("\n")[0]
+            self.name = " ".join(version.split()[:2]) or "curl"
+        else:
+            self.name = "httpx (1 MiB memoryview pieces; curl is not installed)"
+
+    def forget(self) -> None:
+        """Delete the body files of the last shape."""
+        for path in self.files.values():
+            path.unlink(missing_ok=True)
+        self.files.clear()
+
+    def _file(self, body: bytes) -> Path:
+        key = (id(body), len(body))
+        if key not in self.files:
+            path = self.work / f"body-{len(self.files)}.bin"
+            path.write_bytes(body)
+            self.files[key] = path
+        return self.files[key]
+
+    def post(self, url: str, body: bytes, headers: dict[str, str], keep: bool = True) -> Reply:
+        if self.curl is None:
+            return self._post_httpx(url, body, headers, keep)
+        out = self.work / "reply.bin"
+        head = self.work / "reply.headers"
+        command = [self.curl, "-sS", "--noproxy", "*", "-o", str(out) if keep else os.devnull]
+        command += ["-D", str(head), "-w", "%{http_code} %{time_total} %{size_download}"]
+        command += ["-H", "Expect:"]  # no 100-continue round trip before the body
+        for name, value in headers.items():
+            command += ["-H", f"{name}: {value}"]
+        command += ["--data-binary", f"@{self._file(body)}", url]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        if proc.returncode != 0:
+            raise CheckError(f"curl {url}: exit {proc.returncode}: {proc.stderr.strip()[:300]}")
+        code, seconds, size = proc.stdout.split()
+        received: dict[str, str] = {}
+        for line in head.read_text(errors="replace").splitlines():
+            if line.startswith("HTTP/"):
+                received = {}  # the last block is the final response's
+            elif ":" in line:
+                name, _, value = line.partition(":")
+                received[name.strip().lower()] = value.strip()
+        content = out.read_bytes() if keep else b""
+        return Reply(int(code), received, content, float(seconds), int(float(size)))
+
+    def _post_httpx(self, url: str, body: bytes, headers: dict[str, str], keep: bool) -> Reply:
+        import httpx
+
+        view = memoryview(body)
+        piece = 1 << 20
+
+        def pieces() -> Iterator[bytes]:
+            for at in range(0, len(view), piece):
+                yield view[at : at + piece]  # type: ignore[misc]  # httpx takes any buffer
+
+        sent = {**headers, "content-length": str(len(body))}
+        with httpx.Client(timeout=600, trust_env=False) as client:
+            start = time.perf_counter()
+            response = client.post(url, content=pieces(), headers=sent)
+            seconds = time.perf_counter() - start
+        content = response.content
+        received = {k.lower(): v for k, v in response.headers.items()}
+        return Reply(response.status_code, received, content if keep else b"", seconds,
+                     len(content))  # fmt: skip
+
+
 def time_requests(
-    client: httpx.Client,
-    path: str,
+    transport: Transport,
+    url: str,
     content: bytes,
     headers: dict[str, str],
     repeats: int,
-    check: Callable[[httpx.Response], str],
-) -> tuple[Timed, str]:
-    """1 warm-up (checked) + ``repeats`` timed sequential requests (each checked)."""
-    checks = []
+    check: Callable[[Reply], str],
+) -> tuple[Timed, str, int]:
+    """1 warm-up, its whole response checked, + ``repeats`` timed sequential
+    requests (status and size checked; their bodies are not kept, so that
+    writing them does not count). Returns the timing, the check's verdict and
+    the response size."""
+    first = transport.post(url, content, headers, keep=True)
+    if first.status_code != 200:
+        raise CheckError(f"{url}: HTTP {first.status_code}: {first.text[:300]}")
+    verdict = check(first)
     times: list[float] = []
     timings: list[dict[str, float]] = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        response = client.post(path, content=content, headers=headers)
-        took = time.perf_counter() - start
-        if response.status_code != 200:
-            raise CheckError(f"{path}: HTTP {response.status_code}: {response.text[:300]}")
-        checks.append(check(response))
-        if i:
-            times.append(took)
-            timings.append(server_timing(response.headers.get("server-timing", "")))
+    for _ in range(repeats):
+        reply = transport.post(url, content, headers, keep=False)
+        if reply.status_code != 200 or reply.size != first.size:
+            raise CheckError(
+                f"{url}: HTTP {reply.status_code}, {reply.size} bytes (the warm-up: 200, "
+                f"{first.size} bytes)"
+            )
+        times.append(reply.seconds)
+        timings.append(server_timing(reply.headers.get("server-timing", "")))
     server = {
         k: statistics.median(t.get(k, math.nan) for t in timings)
         for k in ("decode", "compute", "encode")
     }
-    verdicts = sorted(set(checks))
-    return Timed(statistics.median(times), min(times), server), "; ".join(verdicts)
+    return Timed(statistics.median(times), min(times), server), verdict, first.size
+
+
+def time_ceiling(
+    transport: Transport, bare: str, content: bytes, response_size: int, repeats: int
+) -> Timed:
+    """The bare ASGI app receiving the same bytes and answering with as many
+    bytes as the service did: what the server and transport alone cost."""
+    headers = {"content-type": "application/octet-stream", "x-response-bytes": str(response_size)}
+    times = []
+    for i in range(repeats + 1):
+        reply = transport.post(f"{bare}/", content, headers, keep=False)
+        if reply.status_code != 200 or reply.size != response_size:
+            raise CheckError(f"bare app: HTTP {reply.status_code}, {reply.size} bytes")
+        if i:
+            times.append(reply.seconds)
+    return Timed(statistics.median(times), min(times))
 
 
 def time_calls(fn: Callable[[], Any], repeats: int) -> tuple[Timed, list[Any]]:
@@ -965,28 +1097,41 @@ def build_bodies(rows: int, classes: int, grad: bool) -> Bodies:
 V2_PATH, V1_PATH = "/v2/models/cross_entropy/infer", "/v1/losses/cross_entropy"
 
 
-def run_bench(client: httpx.Client, device: str, sizes: str, repeats: int, rep: Report) -> None:
+@dataclass
+class Servers:
+    """Where the benchmark sends its bodies."""
+
+    service: str
+    bare: str  # bench/apps/bare_asgi.py: the ceiling
+    pageable: str | None  # the service with LOSS_SERVICE_PIN_BODY_MEMORY=false, on CUDA
+    transport: Transport
+
+
+def run_bench(servers: Servers, device: str, sizes: str, repeats: int, rep: Report) -> None:
     import torch
 
     rep.bench_ok = False  # until every shape ran
     for index, (rows, classes) in enumerate(BENCH_SHAPES[sizes]):
-        bench_shape(client, device, rows, classes, index == 0, repeats, rep)
+        bench_shape(servers, device, rows, classes, index == 0, repeats, rep)
+        servers.transport.forget()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     rep.bench_ok = not rep.bench_bad
 
 
 def bench_shape(
-    client: httpx.Client,
+    servers: Servers,
     device: str,
     rows: int,
     classes: int,
-    grad: bool,
+    first: bool,
     repeats: int,
     rep: Report,
 ) -> None:
     """One shape: the in-process calls, then the service over v2 binary and v1 b64
-    (and v2 binary with grad), each response checked against the in-process value."""
+    (and, for the first shape, v2 binary with grad, and v2 binary into pageable
+    memory), each beside the bare app receiving the same bytes and answering as
+    many, each response checked against the in-process value."""
     import numpy as np
     import orjson
     import torch
@@ -997,6 +1142,8 @@ def bench_shape(
             torch.cuda.synchronize()
 
     start = time.monotonic()
+    grad = first
+    transport, service_url = servers.transport, servers.service
     b = build_bodies(rows, classes, grad)
     shape = f"[{rows}, {classes}]"
     print(
@@ -1041,28 +1188,42 @@ def bench_shape(
             rep.bench_bad.append(f"{shape}: {got!r}, in-process {sorted(values)}")
         return f"{'within 1e-5 of' if close else 'DIFFERENT from'} in-process ({got!r})"
 
-    def check_v2_json(response: httpx.Response) -> str:
+    def check_v2_json(response: Reply) -> str:
         outputs = response.json()["outputs"]
         loss = next(o for o in outputs if o["name"] == "loss")
         return value_verdict(float(np.float32(loss["data"][0])))
 
-    def check_v1(response: httpx.Response) -> str:
+    def check_v1(response: Reply) -> str:
         return value_verdict(float(orjson.loads(response.content)["value"]))
 
     v2_headers = {
         "content-type": "application/octet-stream",
         "Inference-Header-Content-Length": str(b.v2_header_length),
     }
-    v2_timed, v2_check = time_requests(
-        client, V2_PATH, b.v2_json_out, v2_headers, repeats, check_v2_json
+
+    def ceiling(body: bytes, response_size: int) -> Timed:
+        return time_ceiling(transport, servers.bare, body, response_size, repeats)
+
+    v2_timed, v2_check, v2_size = time_requests(
+        transport, service_url + V2_PATH, b.v2_json_out, v2_headers, repeats, check_v2_json
     )
-    v1_timed, v1_check = time_requests(
-        client, V1_PATH, b.v1_b64, {"content-type": "application/json"}, repeats, check_v1
+    v2_ceiling = ceiling(b.v2_json_out, v2_size)
+    v1_headers = {"content-type": "application/json"}
+    v1_timed, v1_check, v1_size = time_requests(
+        transport, service_url + V1_PATH, b.v1_b64, v1_headers, repeats, check_v1
     )
-    add_row(rep, shape, "v2 binary in, JSON out", b.v2_json_out, v2_timed, inproc_host,
-            inproc_device, v2_check)  # fmt: skip
-    add_row(rep, shape, "v1 b64 JSON", b.v1_b64, v1_timed, inproc_host, inproc_device,
-            v1_check)  # fmt: skip
+    add_row(rep, shape, "v2 binary in, JSON out", b.v2_json_out, v2_timed, v2_ceiling,
+            inproc_host, inproc_device, v2_check)  # fmt: skip
+    add_row(rep, shape, "v1 b64 JSON", b.v1_b64, v1_timed, ceiling(b.v1_b64, v1_size),
+            inproc_host, inproc_device, v1_check)  # fmt: skip
+    if first and servers.pageable is not None:
+        paged, paged_check, _ = time_requests(
+            transport, servers.pageable + V2_PATH, b.v2_json_out, v2_headers, repeats,
+            check_v2_json,
+        )  # fmt: skip
+        add_row(rep, shape, "v2 binary in, JSON out, body in pageable memory (PIN_BODY_MEMORY "
+                "=false)", b.v2_json_out, paged, v2_ceiling, inproc_host, inproc_device,
+                paged_check)  # fmt: skip
     print(
         f"   {shape}: v2 binary {fmt_s(v2_timed.median)}, v1 b64 {fmt_s(v1_timed.median)}, "
         f"in-process from host {fmt_s(inproc_host.median)}, on device "
@@ -1076,8 +1237,8 @@ def bench_shape(
     grad_bytes = {g for _, g in grad_results}
     del grad_results
 
-    def check_grad(response: httpx.Response) -> str:
-        length = int(response.headers["Inference-Header-Content-Length"])
+    def check_grad(response: Reply) -> str:
+        length = int(response.headers["inference-header-content-length"])
         header = orjson.loads(response.content[:length])
         sizes = {o["name"]: o["parameters"]["binary_data_size"] for o in header["outputs"]}
         body = response.content[length:]
@@ -1096,11 +1257,11 @@ def bench_shape(
         "content-type": "application/octet-stream",
         "Inference-Header-Content-Length": str(b.v2_grad_header_length),
     }
-    grad_timed, grad_check = time_requests(
-        client, V2_PATH, b.v2_grad, grad_headers, repeats, check_grad
+    grad_timed, grad_check, grad_size = time_requests(
+        transport, service_url + V2_PATH, b.v2_grad, grad_headers, repeats, check_grad
     )
     add_row(rep, shape, "v2 binary, grad=true, binary out", b.v2_grad, grad_timed,
-            inproc_grad, None, grad_check)  # fmt: skip
+            ceiling(b.v2_grad, grad_size), inproc_grad, None, grad_check)  # fmt: skip
     print(
         f"   {shape} grad: v2 binary {fmt_s(grad_timed.median)}, in-process "
         f"{fmt_s(inproc_grad.median)}",
@@ -1114,6 +1275,7 @@ def add_row(
     transport: str,
     body: bytes,
     service_t: Timed,
+    ceiling: Timed,
     host: Timed,
     on_device: Timed | None,
     check: str,
@@ -1127,6 +1289,8 @@ def add_row(
             f"{len(body) / 1e6:,.1f} MB",
             fmt_s(service_t.median),
             fmt_s(service_t.minimum),
+            fmt_s(ceiling.median),
+            f"{service_t.median / ceiling.median:.2f}x",
             ", ".join(parts),
             fmt_s(host.median),
             f"{service_t.median / host.median:.1f}x",
@@ -1285,19 +1449,24 @@ def render(
     else:
         lines += [
             f"Seeded random float32 logits and int64 labels, reduction mean, on {rep.device}. "
-            "Service: end-to-end seconds of sequential httpx requests with pre-built bodies "
-            f"(1 warm-up + {args.repeats} timed), server-side durations from its "
-            "Server-Timing header (medians). In-process, in this process on the same device, "
+            f"Service: end-to-end seconds of sequential requests sent by {rep.transport} with "
+            f"pre-built bodies (1 warm-up, its response checked in full, + {args.repeats} "
+            "timed, their status and size checked), server-side durations from its "
+            "Server-Timing header (medians). *Ceiling*: the bare ASGI app "
+            "(bench/apps/bare_asgi.py, under uvicorn on the same machine) receiving the same "
+            "bytes and answering with as many bytes as the service did, sent by the same "
+            "client: what the server and the transport cost with no service at all. "
+            "In-process, in this process on the same device, "
             "with synchronisation: *from host* = bytes -> torch.frombuffer -> .to(device) -> "
             "F.cross_entropy -> .item() (for the grad row: + torch.autograd.grad and the "
             "gradient copied back to host bytes); *on device* = F.cross_entropy on tensors "
             "already there + synchronize. Every response's value is checked against the "
             "in-process value.",
             "",
-            "| shape | request | body | service median | service min | server side | "
-            "in-process from host | service / from host | in-process on device | "
-            "service / on device | check |",
-            "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|",
+            "| shape | request | body | service median | service min | ceiling | "
+            "service / ceiling | server side | in-process from host | service / from host | "
+            "in-process on device | service / on device | check |",
+            "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
         ]
         lines += ["| " + " | ".join(row) + " |" for row in rep.bench_rows]
         lines.append("")
@@ -1421,7 +1590,22 @@ def main(argv: list[str] | None = None) -> int:
                         run_parity(parity, args.dtypes, only, subset=rehearsal and args.quick)
 
                     def bench() -> None:
-                        run_bench(client, device, sizes, args.repeats, rep)
+                        work = Path(tmp)
+                        with ExitStack() as stack:
+                            bare = stack.enter_context(service(rehearsal, work, "bare"))
+                            pageable = None
+                            if not rehearsal:  # where pinning is on by default: its effect
+                                off = {"LOSS_SERVICE_PIN_BODY_MEMORY": "false"}
+                                pageable = stack.enter_context(
+                                    service(rehearsal, work, "pageable", off)
+                                )
+                            transport = Transport(work)
+                            stack.callback(transport.forget)
+                            rep.transport = transport.name
+                            servers = Servers(
+                                svc.base, bare.base, pageable.base if pageable else None, transport
+                            )
+                            run_bench(servers, device, sizes, args.repeats, rep)
 
                     def oom() -> None:
                         oom_check(client, device, served_on, rep)

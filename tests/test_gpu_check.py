@@ -79,4 +79,8 @@ def test_the_whole_flow_rehearsed_on_the_cpu(tmp_path: Path) -> None:
     assert "**Verdict: rehearsal green**" in text
     assert "Result: **SKIPPED**" in text  # no device memory to exhaust on the CPU
     assert "| v1 b64 JSON |" in text and "equal to in-process" in text
+    # every row beside the bare app's time for the same bytes (the ceiling)
+    assert "| ceiling | service / ceiling |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| [")]
+    assert rows and all(re.search(r"\| \d+\.\d\dx \|", row) for row in rows), rows
     assert reports() == before  # a rehearsal never writes where GPU reports go
