@@ -20,11 +20,13 @@ from service import __version__
 from service.api import ops, problems, v1, v2
 from service.api.hotpaths import HotPathDispatch
 from service.api.middleware import APIKeyMiddleware, ObservabilityMiddleware
-from service.api.runtime import Runtime, keep_freed_memory
+from service.api.runtime import Runtime
 from service.compute import available_devices
 from service.config import Settings
 from service.config import settings as default_settings
+from service.limits import keep_freed_memory
 from service.losses import LOSSES
+from service.losses.info import example_response
 from service.schemas import request_model
 
 DESCRIPTION = """
@@ -62,7 +64,7 @@ def warm_up() -> None:
     collector."""
     for spec in LOSSES.values():
         request_model(spec)
-        v1.example_response(spec)
+        example_response(spec)
     # torch, FastAPI and pydantic leave about 200,000 objects that live as long
     # as the process; a full collection walked them all in about 90 ms,
     # holding the GIL, at moments no request chose. Frozen, the collector

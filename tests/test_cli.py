@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.api.v1 import loss_info
+from service.losses.info import loss_info
 from service.cli import main
 from service.losses import LOSSES
 from tests.conftest import ROOT, free_port
