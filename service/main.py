@@ -18,6 +18,7 @@ from starlette.types import ASGIApp
 
 from service import __version__
 from service.api import ops, problems, v1, v2
+from service.api.grpc_server import start_grpc
 from service.api.hotpaths import HotPathDispatch
 from service.api.middleware import APIKeyMiddleware, ObservabilityMiddleware
 from service.api.runtime import Runtime
@@ -88,7 +89,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         app.state.devices = available_devices()  # probes CUDA once, at start-up
         warm_up()
+        grpc_server = await start_grpc(app, runtime, settings)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(settings.compute_timeout)
         runtime.flush()  # the last requests' metrics and log lines
 
     app = FastAPIOffline(

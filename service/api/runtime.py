@@ -165,13 +165,14 @@ class Runtime:
 
     async def evaluate(
         self,
-        request: Request,
+        scope: Scope,
         prepare: Callable[[Admit], Prepared[T]],
         *,
         wire_bytes: int,
         compressed: bool = False,
     ) -> T:
-        """Decode, check and cost a request (``prepare``), then compute it.
+        """Decode, check and cost a request (``prepare``), then compute it
+        (``scope``: the request's, HTTP or gRPC, whose state holds its reservations).
 
         Small uncompressed bodies are prepared on the event loop, and also
         computed there when their prediction is small (a hand-off to a worker
@@ -185,11 +186,11 @@ class Runtime:
             prepared = prepare(_admit_inline)
             if prepared.memory_bytes <= INLINE_MAX_WORK_BYTES:
                 return prepared.finish()
-            held = self.reservation(request.scope)
+            held = self.reservation(scope)
             return await self.run(
                 self._reserve_and_finish, prepared, held, deadline, 0, held=held, deadline=deadline
             )
-        held = self.reservation(request.scope)
+        held = self.reservation(scope)
         return await self.run(self._in_pool, prepare, held, deadline, held=held, deadline=deadline)
 
     def _in_pool(

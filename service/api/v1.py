@@ -91,7 +91,7 @@ async def _serve_json(
         return make(payload, rt.settings, timings)
 
     content = await rt.evaluate(
-        request, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
+        request.scope, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
     )
     request.scope["state"]["loss_stats"] = timings.stats()
     return RawResponse(content, b"application/json", [(b"server-timing", timings.header())])

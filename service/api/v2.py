@@ -217,7 +217,7 @@ async def serve_infer(request: Request, spec: LossSpec) -> Response:
         return prepare_infer(spec, body, declared, encoding, rt.settings, timings, admit)
 
     content, length = await rt.evaluate(
-        request, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
+        request.scope, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
     )
     request.scope["state"]["loss_stats"] = timings.stats()
     headers = [(b"server-timing", timings.header())]
