@@ -74,7 +74,10 @@ def warm_up() -> None:
     gc.freeze()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, fast_dispatch: bool = True) -> FastAPI:
+    """The application (``fast_dispatch=False``: the compute routes served by
+    FastAPI's router instead of the hot-path dispatch, for the test that
+    compares them)."""
     settings = settings or default_settings
     runtime = Runtime(settings)
 
@@ -120,16 +123,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # compute route into a response itself).
     fastapi_stack = app.build_middleware_stack
     app.build_middleware_stack = lambda: service_middleware(  # type: ignore[method-assign]
-        fastapi_stack(), settings, runtime
+        fastapi_stack(), settings, runtime, fast_dispatch
     )
     return app
 
 
-def service_middleware(inner: ASGIApp, settings: Settings, runtime: Runtime) -> ASGIApp:
+def service_middleware(
+    inner: ASGIApp, settings: Settings, runtime: Runtime, fast_dispatch: bool = True
+) -> ASGIApp:
     """The service's middleware around FastAPI's stack, innermost first: the
     compute routes' dispatch; keys are checked inside CORS (so preflights
     pass) and inside observability (so 401s are counted and logged)."""
-    app: ASGIApp = HotPathDispatch(inner)
+    app: ASGIApp = HotPathDispatch(inner) if fast_dispatch else inner
     if settings.api_keys:
         app = APIKeyMiddleware(
             app,

@@ -12,6 +12,7 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from service.api.problems import problem_body
+from service.api.routes import compute_route, route
 from service.api.runtime import (
     Admit,
     Body,
@@ -115,6 +116,12 @@ def _parse_body(
     return payload
 
 
+@compute_route("/v1/losses/{name}")
+async def post_by_name(request: Request, name: str) -> Response:
+    """Evaluate a loss named by its function or torch.nn class name (any case)."""
+    return await serve_loss(request, resolve(name))
+
+
 def _loss_endpoint(spec: LossSpec) -> Any:
     async def endpoint(request: Request) -> Response:
         return await serve_loss(request, spec)
@@ -162,10 +169,10 @@ def build_router() -> APIRouter:
             },
         )
 
-    @router.post("/losses/{name}", include_in_schema=False)
-    async def post_by_alias(name: str, request: Request) -> Response:
-        """Evaluate a loss named by its torch.nn class name (any case)."""
-        return await serve_loss(request, resolve(name))
+    by_name = route("/v1/losses/{name}")
+    router.add_api_route(
+        by_name.path.removeprefix("/v1"), by_name.serve, methods=["POST"], include_in_schema=False
+    )
 
     @router.post(
         "/batch",

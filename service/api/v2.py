@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 from service import __version__
 from service.api.ops import is_ready
+from service.api.routes import compute_route, route
 from service.api.runtime import (
     Admit,
     RawResponse,
@@ -227,6 +228,17 @@ async def serve_infer(request: Request, spec: LossSpec) -> Response:
     return RawResponse(content, b"application/octet-stream", headers)
 
 
+@compute_route("/v2/models/{name}/infer")
+async def model_infer(request: Request, name: str) -> Response:
+    """Evaluate the loss: JSON or binary tensor data in, the same out."""
+    return await serve_infer(request, resolve(name))
+
+
+@compute_route("/v2/models/{name}/versions/{version}/infer")
+async def model_infer_version(request: Request, name: str, version: str) -> Response:
+    return await serve_infer(request, model(name, version))
+
+
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -287,15 +299,15 @@ def build_router() -> APIRouter:
         """Model readiness (every loss is always ready)."""
         return json_response({"name": resolve(name).name, "ready": True})
 
-    @router.post(
-        "/models/{name}/infer",
+    infer = route("/v2/models/{name}/infer")
+    router.add_api_route(
+        infer.path.removeprefix("/v2"),
+        infer.serve,
+        methods=["POST"],
         response_model=InferenceResponse,
         responses=ERROR_RESPONSES,
         openapi_extra=infer_openapi,
     )
-    async def model_infer(request: Request, name: str) -> Response:
-        """Evaluate the loss: JSON or binary tensor data in, the same out."""
-        return await serve_infer(request, resolve(name))
 
     # The versioned forms, for clients that name a version (the only one is "1").
     @router.get("/models/{name}/versions/{version}", include_in_schema=False)
@@ -306,8 +318,11 @@ def build_router() -> APIRouter:
     def model_ready_version(name: str, version: str) -> Response:
         return json_response({"name": model(name, version).name, "ready": True})
 
-    @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
-    async def model_infer_version(request: Request, name: str, version: str) -> Response:
-        return await serve_infer(request, model(name, version))
-
+    infer_version = route("/v2/models/{name}/versions/{version}/infer")
+    router.add_api_route(
+        infer_version.path.removeprefix("/v2"),
+        infer_version.serve,
+        methods=["POST"],
+        include_in_schema=False,
+    )
     return router
