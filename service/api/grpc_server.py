@@ -33,6 +33,7 @@ from service.api.runtime import Admit, Runtime
 from service.compute import Prepared, Timings, prepare
 from service.config import Settings
 from service.errors import ServiceError, Unauthorized
+from service.losses import LossSpec
 from service.protocols import oip, oip_grpc
 from service.tensors import ElementBudget
 
@@ -181,8 +182,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Any, scope: dict[str, Any]
     ) -> pb.ModelReadyResponse:
-        spec = oip.model(request.name, request.version)
-        scope["loss"] = spec.name
+        _model(request.name, request.version, scope)
         return pb.ModelReadyResponse(ready=is_ready(self.app))
 
     @rpc
@@ -197,8 +197,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Any, scope: dict[str, Any]
     ) -> pb.ModelMetadataResponse:
-        spec = oip.model(request.name, request.version)
-        scope["loss"] = spec.name
+        spec = _model(request.name, request.version, scope)
         return oip_grpc.model_metadata(oip.model_metadata(spec))
 
     # ------------------------------------------------------------- inference
@@ -207,8 +206,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Any, scope: dict[str, Any]
     ) -> pb.ModelInferResponse:
-        spec = oip.model(request.model_name, request.model_version)
-        scope["loss"] = spec.name
+        spec = _model(request.model_name, request.model_version, scope)
         rt, settings = self.runtime, self.settings
         size = request.ByteSize()
         scope["bytes_in"] = size
@@ -237,6 +235,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             deadline = time.monotonic() + self.settings.queue_timeout
             await rt.bodies.reserve(size, deadline, "the request message", holding=held.held)
         held.add(size)
+
+
+def _model(name: str, version: str, scope: dict[str, Any]) -> LossSpec:
+    """The model a call names, and its loss as the call's metrics label."""
+    spec = oip.model(name, version)
+    scope["loss"] = spec.name
+    return spec
 
 
 async def _unimplemented(self: Any, request: Any, context: Context) -> None:

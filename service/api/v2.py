@@ -299,16 +299,6 @@ def build_router() -> APIRouter:
         """Model readiness (every loss is always ready)."""
         return json_response({"name": resolve(name).name, "ready": True})
 
-    infer = route("/v2/models/{name}/infer")
-    router.add_api_route(
-        infer.path.removeprefix("/v2"),
-        infer.serve,
-        methods=["POST"],
-        response_model=InferenceResponse,
-        responses=ERROR_RESPONSES,
-        openapi_extra=infer_openapi,
-    )
-
     # The versioned forms, for clients that name a version (the only one is "1").
     @router.get("/models/{name}/versions/{version}", include_in_schema=False)
     def model_metadata_version(name: str, version: str) -> Response:
@@ -318,11 +308,19 @@ def build_router() -> APIRouter:
     def model_ready_version(name: str, version: str) -> Response:
         return json_response({"name": model(name, version).name, "ready": True})
 
-    infer_version = route("/v2/models/{name}/versions/{version}/infer")
-    router.add_api_route(
-        infer_version.path.removeprefix("/v2"),
-        infer_version.serve,
-        methods=["POST"],
-        include_in_schema=False,
-    )
+    # POST infer, and its versioned form (for clients that name a version)
+    for path, documented in (
+        ("/v2/models/{name}/infer", True),
+        ("/v2/models/{name}/versions/{version}/infer", False),
+    ):
+        infer = route(path)
+        router.add_api_route(
+            infer.path.removeprefix("/v2"),
+            infer.serve,
+            methods=["POST"],
+            response_model=InferenceResponse if documented else None,
+            responses=ERROR_RESPONSES if documented else None,
+            openapi_extra=infer_openapi if documented else None,
+            include_in_schema=documented,
+        )
     return router

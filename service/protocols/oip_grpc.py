@@ -22,18 +22,8 @@ from tritonclient.grpc import service_pb2 as pb
 from service.compute import Evaluation
 from service.errors import BadRequest, quote
 from service.losses import LossSpec
-from service.protocols.oip import (
-    DATATYPE_NAMES,
-    DATATYPES,
-    MODEL_VERSION,
-    InferRequest,
-    add_input,
-    check_inputs,
-    describe_inputs,
-    input_name,
-    output_request,
-    selected_outputs,
-)
+from service.protocols import oip
+from service.protocols.oip import DATATYPES, InferRequest
 from service.tensors import MAX_DIMS, ElementBudget, bytes_to_tensor, check_dims, tensor_view
 
 # Which typed ``contents`` field carries each datatype, and the numpy dtype
@@ -74,12 +64,12 @@ def parse_infer(
         )
     if not message.inputs:
         raise BadRequest(
-            f"inputs must not be empty; model {spec.name} takes {describe_inputs(spec)}"
+            f"inputs must not be empty; model {spec.name} takes {oip.describe_inputs(spec)}"
         )
     for index, item in enumerate(message.inputs):
-        name = input_name(spec, item.name)
+        name = oip.input_name(spec, item.name)
         tensor = _decode_input(name, item, raw[index] if raw else None, budget)
-        add_input(request, name, tensor)
+        oip.add_input(request, name, tensor)
     if message.outputs:
         request.outputs = []
         for output in message.outputs:
@@ -89,8 +79,8 @@ def parse_infer(
                     f"{quote(sorted(output.parameters))} (classification and shared memory "
                     "are not supported)"
                 )
-            request.outputs.append(output_request(spec, request.outputs, output.name))
-    check_inputs(request)
+            request.outputs.append(oip.output_request(spec, request.outputs, output.name))
+    oip.check_inputs(request)
     return request
 
 
@@ -150,11 +140,11 @@ def _decode_input(
 def encode_response(request: InferRequest, evaluation: Evaluation) -> pb.ModelInferResponse:
     """Every selected output, its bytes in raw_output_contents."""
     response = pb.ModelInferResponse(
-        model_name=request.spec.name, model_version=MODEL_VERSION, id=request.id or ""
+        model_name=request.spec.name, model_version=oip.MODEL_VERSION, id=request.id or ""
     )
-    for output, tensor in selected_outputs(request, evaluation):
+    for output, tensor in oip.selected_outputs(request, evaluation):
         response.outputs.add(
-            name=output.name, datatype=DATATYPE_NAMES[tensor.dtype], shape=list(tensor.shape)
+            name=output.name, datatype=oip.DATATYPE_NAMES[tensor.dtype], shape=list(tensor.shape)
         )
         response.raw_output_contents.append(bytes(tensor_view(tensor)))
     return response

@@ -155,15 +155,9 @@ def _decode_input(
             f"got {quote(datatype)}"
         )
     dtype = DATATYPES[datatype]
-    parameters = item.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise BadRequest(f"input {quote(name)}: parameters must be a JSON object")
-    unknown = set(parameters) - {"binary_data_size"}
-    if unknown:
-        raise BadRequest(
-            f"input {quote(name)}: unsupported parameter(s) {quote(sorted(unknown))} "
-            "(only binary_data_size; shared memory is not supported)"
-        )
+    parameters = _tensor_parameters(
+        item, f"input {quote(name)}", "binary_data_size", "shared memory is not supported"
+    )
     numel = math.prod(shape)
     size = parameters.get("binary_data_size")
     if size is None:
@@ -234,6 +228,19 @@ def _decode_json_data(
     return tensor.reshape(shape)
 
 
+def _tensor_parameters(item: dict[str, Any], what: str, known: str, note: str) -> dict[str, Any]:
+    """An input's or output's parameters: an object holding ``known`` at most."""
+    parameters = item.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"{what}: parameters must be a JSON object")
+    unknown = set(parameters) - {known}
+    if unknown:
+        raise BadRequest(
+            f"{what}: unsupported parameter(s) {quote(sorted(unknown))} (only {known}; {note})"
+        )
+    return parameters
+
+
 def _parse_outputs(spec: LossSpec, raw: Any) -> list[OutputRequest] | None:
     if raw is None:
         return None
@@ -244,15 +251,12 @@ def _parse_outputs(spec: LossSpec, raw: Any) -> list[OutputRequest] | None:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadRequest(f"outputs[{index}] must be an object with a string name")
         output = output_request(spec, outputs, item["name"])
-        parameters = item.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise BadRequest(f"output {quote(output.name)}: parameters must be a JSON object")
-        unknown = set(parameters) - {"binary_data"}
-        if unknown:
-            raise BadRequest(
-                f"output {quote(output.name)}: unsupported parameter(s) {quote(sorted(unknown))} "
-                "(only binary_data; classification and shared memory are not supported)"
-            )
+        parameters = _tensor_parameters(
+            item,
+            f"output {quote(output.name)}",
+            "binary_data",
+            "classification and shared memory are not supported",
+        )
         binary = parameters.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
             raise BadRequest(
