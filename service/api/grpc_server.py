@@ -223,7 +223,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         response = await rt.evaluate(scope, prepare_call, wire_bytes=size)
         scope["state"]["loss_stats"] = timings.stats()
         scope["bytes_out"] = response.ByteSize()
-        await context.send_initial_metadata((("server-timing", timings.header().decode()),))
+        # trailing: sent with the status, where initial metadata costs a write of its own
+        context.set_trailing_metadata((("server-timing", timings.header().decode()),))
         return response
 
     async def hold_message(self, scope: dict[str, Any], size: int) -> None:
