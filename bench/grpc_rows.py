@@ -110,12 +110,10 @@ def main() -> None:
     medians = {k: statistics.median(v) for k, v in rows.items()}
     for name, ms in medians.items():
         print(f"{name:24s} {ms:8.3f} ms   ({os.cpu_count()} cpus, rounds {rows[name]})")
-    print(
-        f"grpc small / bare: {medians['bare grpc small c1'] / medians['grpc small c1']:.2f}x the ceiling's rate"
-    )
-    print(
-        f"grpc large / bare: {medians['grpc large'] / medians['bare grpc large']:.2f}x the ceiling's time"
-    )
+    small = medians["bare grpc small c1"] / medians["grpc small c1"]
+    large = medians["grpc large"] / medians["bare grpc large"]
+    print(f"grpc small / bare: {small:.2f}x the ceiling's rate")
+    print(f"grpc large / bare: {large:.2f}x the ceiling's time")
     v1, v2 = medians["v1 json small c1"], medians["v2 json small c1"]
     print(f"v2 json / v1 json small: {v1 / v2:.2f}x v1's rate")
 
