@@ -76,11 +76,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     LOSS_SERVICE_HOST=0.0.0.0 \
     LOSS_SERVICE_PORT=8000 \
+    LOSS_SERVICE_GRPC_PORT=8001 \
     LOSS_SERVICE_WORKERS=1
 
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000
+# HTTP (v1 JSON, OIP REST) and OIP gRPC
+EXPOSE 8000 8001
 
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('LOSS_SERVICE_PORT', '8000'), timeout=4)"]

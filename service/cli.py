@@ -159,8 +159,8 @@ def list_losses(args: argparse.Namespace) -> int:
         with _client(args) as client:
             infos = client.losses()
     else:
-        from service.api.v1 import loss_info
         from service.losses import LOSSES
+        from service.losses.info import loss_info
 
         infos = [loss_info(spec) for spec in LOSSES.values()]
     if args.json:

@@ -1,7 +1,10 @@
-"""decode -> F.<loss> -> autograd -> encode, for one validated request.
+"""The evaluation core: one ``LossCall`` (tensors decoded, options checked)
+-> roles, checks and cost -> F.<loss> -> autograd -> tensors.
 
-Everything here is synchronous and CPU- or GPU-bound: the API layer runs it
-in a bounded worker pool, never on the event loop.
+Every front door (``service.protocols``: v1 JSON, OIP REST, OIP gRPC) builds
+a ``LossCall`` from its wire format and encodes the ``Evaluation`` back into
+it; nothing here reads or writes a wire format. Everything here is
+synchronous and CPU- or GPU-bound: the runtime decides where it runs.
 """
 
 from __future__ import annotations
@@ -26,17 +29,10 @@ from service.errors import (
 from service.losses import LossSpec
 from service.losses.cost import Cost, predict, predicted_bytes
 from service.losses.registry import Tensors
-from service.schemas import LossRequestBase, parse_request
 from service.tensors import (
-    FLOAT_DTYPES,
-    ElementBudget,
     Role,
     coerce_role,
-    decode_raw,
-    decode_tensor,
     dtype_name,
-    encode_scalar,
-    encode_tensor,
     has_fractions,
 )
 
@@ -69,14 +65,6 @@ class Timings:
         """The Server-Timing header value."""
         d, c, e = self.decode * 1000, self.compute * 1000, self.encode * 1000
         return b"decode;dur=%.3f, compute;dur=%.3f, encode;dur=%.3f" % (d, c, e)
-
-
-@dataclass
-class Evaluation:
-    spec: LossSpec
-    request: LossRequestBase
-    value: torch.Tensor
-    grads: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- devices
@@ -121,42 +109,44 @@ def resolve_device(requested: str | None, default: str) -> torch.device:
     )
 
 
-# --------------------------------------------------------------------------- evaluate
+# --------------------------------------------------------------------------- the request
 
 
-def evaluate(
-    spec: LossSpec,
-    body: Any,
-    settings: Settings,
-    timings: Timings,
-    loc: tuple[str | int, ...] = ("body",),
-) -> dict[str, Any]:
-    """One v1 loss request body (parsed JSON) -> the response body (contract section 4)."""
-    return prepare(spec, body, settings, timings, loc).finish()
+# A tensor argument as a front door decoded it: the tensor and whether its
+# dtype was explicit on the wire (else its role decides it); or a plain
+# number, for an argument that torch also takes as a Python float.
+Argument = tuple[torch.Tensor, bool] | float
 
 
-def prepare(
-    spec: LossSpec,
-    body: Any,
-    settings: Settings,
-    timings: Timings,
-    loc: tuple[str | int, ...] = ("body",),
-) -> Prepared[dict[str, Any]]:
-    """Decode and check one v1 loss request body, and predict what it costs;
-    ``finish()`` computes and encodes it."""
-    start = time.perf_counter()
-    request = parse_request(spec, body, loc)
-    timings.decode += time.perf_counter() - start
-    call = prepare_request(spec, request, settings, timings, loc)
+@dataclass
+class LossCall:
+    """One loss evaluation, as every front door (v1 JSON, OIP REST, OIP gRPC)
+    hands it to the core: tensors decoded from the wire, options validated.
+    Nothing here is a wire format."""
 
-    def finish() -> dict[str, Any]:
-        evaluation = run_prepared(call, timings)
-        start = time.perf_counter()
-        response = encode_evaluation(evaluation)
-        timings.encode += time.perf_counter() - start
-        return response
+    spec: LossSpec
+    arguments: dict[str, Argument]
+    options: dict[str, Any]
+    grad: bool | list[str] = False
+    # the upstream gradient; cast to the loss output's dtype when used
+    grad_output: torch.Tensor | None = None
+    device: str | None = None
+    # the dtype of float-role arguments whose dtype the wire left open
+    float_dtype: torch.dtype = torch.float32
+    # how the response will write tensors (what it is predicted to hold):
+    # "nested" or "flat" JSON, "b64" text, or "raw" bytes; ``raw_outputs``
+    # names outputs written raw whatever the encoding ("*": all of them)
+    encoding: str = "nested"
+    raw_outputs: frozenset[str] = frozenset()
+    # where field errors are reported (a batch item's place in its batch)
+    loc: tuple[str | int, ...] = ("body",)
 
-    return Prepared(call.memory_bytes, finish)
+
+@dataclass
+class Evaluation:
+    call: LossCall
+    value: torch.Tensor
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -170,49 +160,52 @@ class Prepared(Generic[T]):
 
 
 @dataclass
-class LossCall:
-    """One loss evaluation, decoded and checked, with its predicted cost."""
+class Plan:
+    """A call checked on the CPU with its tensors in their roles' dtypes,
+    its gradients resolved and its cost predicted."""
 
-    spec: LossSpec
-    request: LossRequestBase
+    call: LossCall
     tensors: Tensors
-    options: dict[str, Any]
     grad_names: list[str]
     device: torch.device
-    budget: ElementBudget
-    loc: tuple[str | int, ...]
     cost: Cost
     memory_bytes: int
 
 
-def prepare_request(
-    spec: LossSpec,
-    request: LossRequestBase,
+def prepare(
+    call: LossCall,
     settings: Settings,
     timings: Timings,
-    loc: tuple[str | int, ...] = ("body",),
-    decoded: dict[str, tuple[torch.Tensor, bool]] | None = None,
-    binary_outputs: frozenset[str] = frozenset(),
-) -> LossCall:
-    """Decode and check one validated request and predict its cost (contract
-    section 9): over ``max_work_elements`` it is a 413 before torch runs.
+    encode: Callable[[Evaluation], T],
+) -> Prepared[T]:
+    """Check and cost a call; ``finish()`` computes it and ``encode``s the
+    result (each front door its own wire format)."""
+    checked = plan(call, settings, timings)
 
-    ``decoded`` holds tensors that arrived already decoded (the v2 binary
-    extension), each with whether its dtype was explicit; the request's own
-    fields are decoded for the other arguments.
-    """
+    def finish() -> T:
+        evaluation = compute(checked, timings)
+        start = time.perf_counter()
+        response = encode(evaluation)
+        timings.encode += time.perf_counter() - start
+        return response
+
+    return Prepared(checked.memory_bytes, finish)
+
+
+def plan(call: LossCall, settings: Settings, timings: Timings) -> Plan:
+    """Check one call and predict its cost (contract section 9): over
+    ``max_work_elements`` it is a 413 before torch runs."""
     start = time.perf_counter()
+    spec = call.spec
     try:
-        device = resolve_device(request.device, settings.device)
-        float_dtype = FLOAT_DTYPES[request.dtype]
-        budget = ElementBudget.for_request(settings)
-        tensors = decode_arguments(spec, request, float_dtype, budget, decoded or {})
-        options = {name: getattr(request, name) for name in spec.option_names}
+        device = resolve_device(call.device, settings.device)
+        tensors = assign_roles(spec, call.arguments, call.float_dtype)
         if spec.validate is not None:
-            spec.validate(tensors, options)
-        grad_names = grad_targets(spec, request, tensors)
+            spec.validate(tensors, call.options)
+        grad_names = grad_targets(spec, call.grad, call.grad_output is not None, tensors)
     except InvalidPayload as exc:
-        raise _relocate(exc, loc) from None
+        raise relocate(exc, call.loc) from None
+    options = call.options
     shapes = {k: tuple(v.shape) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
     hints = _cost_hints(tensors, options)
     try:
@@ -227,10 +220,8 @@ def prepare_request(
             f"{settings.max_work_elements} (LOSS_SERVICE_MAX_WORK_ELEMENTS)"
         )
     timings.decode += time.perf_counter() - start
-    return LossCall(
-        spec, request, tensors, options, grad_names, device, budget, loc, cost,
-        memory_bytes=_memory_bytes(cost, tensors, grad_names, request.encoding, binary_outputs),
-    )  # fmt: skip
+    memory = _memory_bytes(cost, tensors, grad_names, call.encoding, call.raw_outputs)
+    return Plan(call, tensors, grad_names, device, cost, memory)
 
 
 @lru_cache(maxsize=4096)
@@ -299,10 +290,10 @@ def _describe_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
     return ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items())
 
 
-def run_prepared(call: LossCall, timings: Timings) -> Evaluation:
-    """Compute a prepared call on its device."""
+def compute(checked: Plan, timings: Timings) -> Evaluation:
+    """Compute a checked call on its device."""
     start = time.perf_counter()
-    tensors, device = call.tensors, call.device
+    tensors, device = checked.tensors, checked.device
     if device.type != "cpu":  # decoded on the CPU, checked there, then moved once
         tensors = {
             k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()
@@ -313,9 +304,7 @@ def run_prepared(call: LossCall, timings: Timings) -> Evaluation:
     timings.tensor_bytes_in += sum(
         t.nbytes for t in tensors.values() if isinstance(t, torch.Tensor)
     )
-    evaluation = run_loss(
-        call.spec, call.request, tensors, call.options, call.grad_names, call.budget, call.loc
-    )
+    evaluation = run_loss(checked.call, tensors, checked.grad_names)
     timings.compute += time.perf_counter() - moved_at
     timings.tensor_bytes_out += evaluation.value.nbytes + sum(
         g.nbytes for g in evaluation.grads.values()
@@ -323,38 +312,29 @@ def run_prepared(call: LossCall, timings: Timings) -> Evaluation:
     return evaluation
 
 
-def decode_arguments(
-    spec: LossSpec,
-    request: LossRequestBase,
-    float_dtype: torch.dtype,
-    budget: ElementBudget,
-    decoded: dict[str, tuple[torch.Tensor, bool]],
+def wire_role(role: str) -> Role:
+    """The role a front door decodes an argument in (a class target's role
+    waits for the input's shape: ``assign_roles``)."""
+    return "index" if role == "index" else "any" if role == "class_target" else "float"
+
+
+def assign_roles(
+    spec: LossSpec, arguments: dict[str, Argument], float_dtype: torch.dtype
 ) -> Tensors:
+    """The decoded arguments in their roles' dtypes, in the table's order;
+    a missing required argument is a 422."""
     tensors: Tensors = {}
     for arg in spec.args:
-        value = getattr(request, arg.name)
-        if arg.name in decoded:
-            raw, explicit = decoded[arg.name]
-        elif value is None:
+        given = arguments.get(arg.name)
+        if given is None:
             if arg.required:
                 raise invalid(arg.name, f"expected a tensor ({arg.shape}), got null")
             continue
-        elif (
-            arg.role == "float_or_number"
-            and isinstance(value, int | float)
-            and not isinstance(value, bool)
-        ):
-            tensors[arg.name] = float(value)
+        if isinstance(given, float):
+            tensors[arg.name] = given
             continue
-        else:
-            raw, explicit = decode_raw(
-                value,
-                field=arg.name,
-                role=_wire_role(arg.role),
-                float_dtype=float_dtype,
-                budget=budget,
-            )
-        role: Role = _wire_role(arg.role)
+        raw, explicit = given
+        role: Role = wire_role(arg.role)
         if arg.role == "class_target":
             input = tensors["input"]
             assert isinstance(input, torch.Tensor)
@@ -369,21 +349,28 @@ def decode_arguments(
     return tensors
 
 
-def _wire_role(role: str) -> Role:
-    return "index" if role == "index" else "any" if role == "class_target" else "float"
+def check_grad_output(grad: bool | list[str], has_grad_output: bool) -> None:
+    """A grad_output is a 422 unless gradients are asked for."""
+    if has_grad_output and not grad:  # false, or []
+        raise invalid(
+            "grad_output",
+            "grad_output is only used with grad (the upstream gradient of the gradients "
+            "asked for); ask for gradients or leave it out",
+        )
 
 
-def grad_targets(spec: LossSpec, request: LossRequestBase, tensors: Tensors) -> list[str]:
-    """The argument names whose gradients the request asks for, checked."""
-    if request.grad is False:
-        if request.grad_output is not None:
-            raise invalid("grad_output", "grad_output is only used with grad")
+def grad_targets(
+    spec: LossSpec, grad: bool | list[str], has_grad_output: bool, tensors: Tensors
+) -> list[str]:
+    """The argument names whose gradients the call asks for, checked."""
+    check_grad_output(grad, has_grad_output)
+    if grad is False:
         return []
-    if request.grad is True:
+    if grad is True:
         return [n for n in spec.prediction_args if isinstance(tensors.get(n), torch.Tensor)]
     differentiable = spec.differentiable_args(tensors)
     names: list[str] = []
-    for name in request.grad:
+    for name in grad:
         if name not in differentiable:
             why = (
                 "was not given"
@@ -402,28 +389,21 @@ def grad_targets(spec: LossSpec, request: LossRequestBase, tensors: Tensors) -> 
     return names
 
 
-def run_loss(
-    spec: LossSpec,
-    request: LossRequestBase,
-    tensors: Tensors,
-    options: dict[str, Any],
-    grad_names: list[str],
-    budget: ElementBudget,
-    loc: tuple[str | int, ...],
-) -> Evaluation:
+def run_loss(call: LossCall, tensors: Tensors, grad_names: list[str]) -> Evaluation:
+    spec, options = call.spec, call.options
     kwargs = spec.torch_options(options) if spec.torch_options else options
     try:
         if not grad_names:
             with torch.inference_mode():
                 value = spec.fn(**tensors, **kwargs)
-            return Evaluation(spec, request, value)
+            return Evaluation(call, value)
         leaves: list[torch.Tensor] = []
         for name in grad_names:
             tensor = tensors[name]
             assert isinstance(tensor, torch.Tensor)
             leaves.append(tensor.requires_grad_(True))
         value = spec.fn(**tensors, **kwargs)
-        grad_output = decode_grad_output(request, value, budget, loc)
+        grad_output = upstream_gradient(call, value)
         grads = torch.autograd.grad(value, leaves, grad_outputs=grad_output, allow_unused=True)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
@@ -435,10 +415,9 @@ def run_loss(
     except TORCH_ARGUMENT_ERRORS as exc:
         if is_allocation_failure(exc):
             raise out_of_host_memory() from None
-        raise _torch_error(spec, exc, tensors, request, loc) from None
+        raise _torch_error(spec, exc, tensors, call.loc) from None
     return Evaluation(
-        spec,
-        request,
+        call,
         value.detach(),
         {
             n: g if g is not None else torch.zeros_like(leaf)
@@ -456,30 +435,21 @@ def out_of_host_memory() -> Overloaded:
     return Overloaded("the server ran out of memory; retry later or send less", retry_after=2)
 
 
-def decode_grad_output(
-    request: LossRequestBase,
-    value: torch.Tensor,
-    budget: ElementBudget,
-    loc: tuple[str | int, ...],
-) -> torch.Tensor:
-    if request.grad_output is None:
+def upstream_gradient(call: LossCall, value: torch.Tensor) -> torch.Tensor:
+    """The call's grad_output (ones by default), checked against the loss
+    output's shape and cast to its dtype and device."""
+    grad_output = call.grad_output
+    if grad_output is None:
         return torch.ones_like(value)
-    try:
-        grad_output = decode_tensor(
-            request.grad_output,
-            field="grad_output",
-            role="float",
-            float_dtype=value.dtype,
-            budget=budget,
-        )
-        if list(grad_output.shape) != list(value.shape):
-            raise invalid(
+    if list(grad_output.shape) != list(value.shape):
+        raise relocate(
+            invalid(
                 "grad_output",
                 f"expected shape {list(value.shape)} (the loss output's, reduction="
-                f"{getattr(request, 'reduction', 'mean')!r}), got {list(grad_output.shape)}",
-            )
-    except InvalidPayload as exc:
-        raise _relocate(exc, loc) from None
+                f"{call.options.get('reduction', 'mean')!r}), got {list(grad_output.shape)}",
+            ),
+            call.loc,
+        )
     return grad_output.to(device=value.device, dtype=value.dtype)
 
 
@@ -487,7 +457,6 @@ def _torch_error(
     spec: LossSpec,
     exc: Exception,
     tensors: Tensors,
-    request: LossRequestBase,
     loc: tuple[str | int, ...],
 ) -> InvalidPayload:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -530,22 +499,8 @@ def _torch_error(
     )
 
 
-def _relocate(exc: InvalidPayload, loc: tuple[str | int, ...]) -> InvalidPayload:
+def relocate(exc: InvalidPayload, loc: tuple[str | int, ...]) -> InvalidPayload:
     """Field errors are raised with ("body", field); re-root them under ``loc``."""
     if loc == ("body",):
         return exc
     return InvalidPayload([FieldError((*loc, *e.loc[1:]), e.msg) for e in exc.errors])
-
-
-def encode_evaluation(evaluation: Evaluation) -> dict[str, Any]:
-    value, encoding = evaluation.value, evaluation.request.encoding
-    response: dict[str, Any] = {
-        "loss": evaluation.spec.name,
-        "value": encode_scalar(value) if value.dim() == 0 else encode_tensor(value, encoding),
-        "shape": list(value.shape),
-        "dtype": dtype_name(value.dtype),
-        "device": device_name(value.device),
-    }
-    if evaluation.request.grad is not False:
-        response["grad"] = {n: encode_tensor(g, encoding) for n, g in evaluation.grads.items()}
-    return response

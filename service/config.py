@@ -16,6 +16,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="Open Inference Protocol over gRPC (as Triton); 0 = off"
+    )
     workers: int = Field(1, ge=1)
     device: str = Field("auto", description="Default device: auto, cpu, cuda or cuda:N")
     torch_threads: int = Field(0, ge=0, description="torch.set_num_threads; 0 keeps torch's own")

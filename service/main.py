@@ -18,13 +18,16 @@ from starlette.types import ASGIApp
 
 from service import __version__
 from service.api import ops, problems, v1, v2
+from service.api.grpc_server import start_grpc
 from service.api.hotpaths import HotPathDispatch
 from service.api.middleware import APIKeyMiddleware, ObservabilityMiddleware
-from service.api.runtime import Runtime, keep_freed_memory
+from service.api.runtime import Runtime
 from service.compute import available_devices
 from service.config import Settings
 from service.config import settings as default_settings
+from service.limits import keep_freed_memory
 from service.losses import LOSSES
+from service.losses.info import example_response
 from service.schemas import request_model
 
 DESCRIPTION = """
@@ -62,7 +65,7 @@ def warm_up() -> None:
     collector."""
     for spec in LOSSES.values():
         request_model(spec)
-        v1.example_response(spec)
+        example_response(spec)
     # torch, FastAPI and pydantic leave about 200,000 objects that live as long
     # as the process; a full collection walked them all in about 90 ms,
     # holding the GIL, at moments no request chose. Frozen, the collector
@@ -71,7 +74,10 @@ def warm_up() -> None:
     gc.freeze()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, fast_dispatch: bool = True) -> FastAPI:
+    """The application (``fast_dispatch=False``: the compute routes served by
+    FastAPI's router instead of the hot-path dispatch, for the test that
+    compares them)."""
     settings = settings or default_settings
     runtime = Runtime(settings)
 
@@ -86,7 +92,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         app.state.devices = available_devices()  # probes CUDA once, at start-up
         warm_up()
+        grpc_server = await start_grpc(app, runtime, settings)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(settings.compute_timeout)
         runtime.flush()  # the last requests' metrics and log lines
 
     app = FastAPIOffline(
@@ -114,16 +123,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # compute route into a response itself).
     fastapi_stack = app.build_middleware_stack
     app.build_middleware_stack = lambda: service_middleware(  # type: ignore[method-assign]
-        fastapi_stack(), settings, runtime
+        fastapi_stack(), settings, runtime, fast_dispatch
     )
     return app
 
 
-def service_middleware(inner: ASGIApp, settings: Settings, runtime: Runtime) -> ASGIApp:
+def service_middleware(
+    inner: ASGIApp, settings: Settings, runtime: Runtime, fast_dispatch: bool = True
+) -> ASGIApp:
     """The service's middleware around FastAPI's stack, innermost first: the
     compute routes' dispatch; keys are checked inside CORS (so preflights
     pass) and inside observability (so 401s are counted and logged)."""
-    app: ASGIApp = HotPathDispatch(inner)
+    app: ASGIApp = HotPathDispatch(inner) if fast_dispatch else inner
     if settings.api_keys:
         app = APIKeyMiddleware(
             app,

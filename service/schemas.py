@@ -96,17 +96,9 @@ def _option_type(option: Any) -> Any:
     return option.type
 
 
-@cache
-def request_model(spec: LossSpec) -> type[LossRequestBase]:
-    """The typed request body of one loss (its OpenAPI schema)."""
+def _option_fields(spec: LossSpec) -> dict[str, Any]:
+    """The pydantic fields of a loss's options and its reduction."""
     fields: dict[str, Any] = {}
-    for arg in spec.args:
-        text = f"{arg.role} role, shape {arg.shape}" + (
-            f"; {arg.description}" if arg.description else ""
-        )
-        default = ... if arg.required else None
-        annotation = TensorIn if arg.required else TensorIn | None
-        fields[arg.name] = (annotation, Field(default, description=text))
     for option in spec.options:
         ge, le = option.ge, option.le
         if option.type is int and option.choices is None:  # torch takes an int64
@@ -120,6 +112,21 @@ def request_model(spec: LossSpec) -> type[LossRequestBase]:
         Literal[spec.reductions],
         Field("mean", description="how the per-element losses are reduced"),
     )
+    return fields
+
+
+@cache
+def request_model(spec: LossSpec) -> type[LossRequestBase]:
+    """The typed request body of one loss (its OpenAPI schema)."""
+    fields: dict[str, Any] = {}
+    for arg in spec.args:
+        text = f"{arg.role} role, shape {arg.shape}" + (
+            f"; {arg.description}" if arg.description else ""
+        )
+        default = ... if arg.required else None
+        annotation = TensorIn if arg.required else TensorIn | None
+        fields[arg.name] = (annotation, Field(default, description=text))
+    fields.update(_option_fields(spec))
     name = spec.alias.replace("Loss", "") + "LossRequest"
     model = create_model(name, __base__=LossRequestBase, **fields)
     model.__doc__ = f"Arguments of torch.nn.functional.{spec.name}, plus the service's own."
@@ -127,13 +134,20 @@ def request_model(spec: LossSpec) -> type[LossRequestBase]:
     return model
 
 
-def parse_request(spec: LossSpec, body: Any, loc: tuple[str | int, ...] = ("body",)) -> Any:
-    """Validate a request body's envelope; tensor values are left as they came."""
-    if not isinstance(body, dict):
-        raise InvalidPayload(
-            [FieldError(loc, f"expected a JSON object, got {type(body).__name__}")]
-        )
-    deprecated = [k for k in DEPRECATED_OPTIONS if k in body]
+class OptionsBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@cache
+def options_model(spec: LossSpec) -> type[OptionsBase]:
+    """A loss's options alone (the Open Inference Protocol's request parameters)."""
+    name = spec.alias.replace("Loss", "") + "LossOptions"
+    return create_model(name, __base__=OptionsBase, **_option_fields(spec))
+
+
+def refuse_deprecated(spec: LossSpec, keys: Any, loc: tuple[str | int, ...]) -> None:
+    """torch's deprecated size_average and reduce are a 422 with a hint."""
+    deprecated = [k for k in DEPRECATED_OPTIONS if k in keys]
     if deprecated:
         raise InvalidPayload(
             [
@@ -145,21 +159,32 @@ def parse_request(spec: LossSpec, body: Any, loc: tuple[str | int, ...] = ("body
                 for k in deprecated
             ]
         )
+
+
+def parse_options(
+    spec: LossSpec, values: dict[str, Any], loc: tuple[str | int, ...]
+) -> dict[str, Any]:
+    """Options given by name -> every option of the loss, checked, defaults filled in."""
+    refuse_deprecated(spec, values, loc)
     try:
-        request = request_model(spec).model_validate(body)
+        return options_model(spec).model_validate(values).model_dump()
     except ValidationError as exc:
         raise validation_error(exc, loc) from None
-    if request.grad_output is not None and not request.grad:  # false, or []
+
+
+def parse_request(
+    spec: LossSpec, body: Any, loc: tuple[str | int, ...] = ("body",)
+) -> LossRequestBase:
+    """Validate a v1 request body's envelope; tensor values are left as they came."""
+    if not isinstance(body, dict):
         raise InvalidPayload(
-            [
-                FieldError(
-                    (*loc, "grad_output"),
-                    "grad_output is only used with grad (the upstream gradient of the "
-                    "gradients asked for); ask for gradients or leave it out",
-                )
-            ]
+            [FieldError(loc, f"expected a JSON object, got {type(body).__name__}")]
         )
-    return request
+    refuse_deprecated(spec, body, loc)
+    try:
+        return request_model(spec).model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc, loc) from None
 
 
 def validation_error(exc: ValidationError, loc: tuple[str | int, ...]) -> InvalidPayload:

@@ -71,7 +71,7 @@ def test_describe_by_name_and_alias(client: TestClient, spec: LossSpec) -> None:
 
 def test_example_results_equal_torch() -> None:
     spec = LOSSES["kl_div"]
-    from service.api.v1 import example_response
+    from service.losses.info import example_response
 
     result = example_response(spec)
     import torch

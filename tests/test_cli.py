@@ -24,9 +24,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.api.v1 import loss_info
 from service.cli import main
 from service.losses import LOSSES
+from service.losses.info import loss_info
 from tests.conftest import ROOT, free_port
 
 ENTRY_POINT = Path(sys.executable).with_name("loss-service")

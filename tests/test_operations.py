@@ -286,7 +286,7 @@ def test_small_requests_are_computed_inline_and_large_ones_in_the_pool() -> None
 
 FAULTS = """
 import resource, sys
-from service.api.runtime import keep_freed_memory
+from service.limits import keep_freed_memory
 kept = keep_freed_memory(int(sys.argv[1]))
 
 def faults_of_a_64_mib_buffer() -> int:

@@ -1,32 +1,26 @@
-"""The two compute routes and liveness, dispatched without walking FastAPI's router.
+"""The compute routes and liveness, dispatched without walking FastAPI's router.
 
-``POST /v1/losses/{name}`` and ``POST /v2/models/{name}/infer`` carry almost
-all traffic; FastAPI's route matching and dependency solving cost more than a
-small loss evaluation, so this pure ASGI layer serves them with the very
-handlers the FastAPI routes use (which still declare them in the OpenAPI
-document and serve them when this layer is not installed). Every other path
-goes on to FastAPI.
+``POST /v1/losses/{name}`` and ``POST /v2/models/{name}[/versions/{v}]/infer``
+carry almost all traffic; FastAPI's route matching and dependency solving
+cost more than a small loss evaluation, so this pure ASGI layer serves them
+from the route table (``service.api.routes``) that the FastAPI routes are
+built from too. Every other path goes on to FastAPI.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api import v1, v2
+from service.api import v1, v2  # noqa: F401  (they fill the route table)
 from service.api.problems import error_response
+from service.api.routes import COMPUTE_ROUTES, ComputeRoute
 from service.errors import ServiceError
-from service.losses import resolve
 
 log = logging.getLogger("service.errors")
-
-Handler = Callable[[Request, str], Awaitable[Response]]
 
 
 @dataclass(frozen=True)
@@ -36,18 +30,8 @@ class RouteLabel:
     path: str
 
 
-async def _v1(request: Request, name: str) -> Response:
-    return await v1.serve_loss(request, resolve(name))
-
-
-async def _v2(request: Request, name: str) -> Response:
-    return await v2.serve_infer(request, resolve(name))
-
-
-HOT_PATHS: tuple[tuple[re.Pattern[str], RouteLabel, Handler], ...] = (
-    (re.compile(r"/v1/losses/([^/]+)"), RouteLabel("/v1/losses/{name}"), _v1),
-    (re.compile(r"/v2/models/([^/]+)/infer"), RouteLabel("/v2/models/{name}/infer"), _v2),
-)
+# v1 and v2 enter their handlers in the table when imported
+HOT_PATHS = tuple((route, RouteLabel(route.path)) for route in COMPUTE_ROUTES)
 
 
 HEALTHZ = RouteLabel("/healthz")
@@ -69,22 +53,26 @@ class HotPathDispatch:
             return
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
-            for pattern, label, handler in HOT_PATHS:
-                match = pattern.fullmatch(path)
-                if match:
-                    name = match[1]
+            for route, label in HOT_PATHS:
+                params = route.match(path)
+                if params is not None:
                     scope["route"] = label
-                    scope["path_params"] = {"name": name}
-                    await self._serve(scope, receive, send, handler, name)
+                    scope["path_params"] = params
+                    await self._serve(scope, receive, send, route, params)
                     return
         await self.app(scope, receive, send)
 
     async def _serve(
-        self, scope: Scope, receive: Receive, send: Send, handler: Handler, name: str
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        route: ComputeRoute,
+        params: dict[str, str],
     ) -> None:
         request = Request(scope, receive)
         try:
-            response = await handler(request, name)
+            response = await route.serve(request, **params)
         except ServiceError as exc:
             response = error_response(request, exc)
         except Exception:

@@ -35,7 +35,6 @@ from service.limits import (
     MemoryBudget,
     Reservation,
     default_budget,
-    libc_function,
     trim_freed_memory,
 )
 from service.logs import AccessLog
@@ -46,8 +45,6 @@ T = TypeVar("T")
 JSON_TYPES = ("application/json", "")
 # The default of LOSS_SERVICE_MALLOC_KEEP_BYTES where the budget allows it.
 MALLOC_KEEP_MAX = 512 * 1024 * 1024
-# mallopt(3) parameters (glibc's malloc.h)
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 
 # A request body as read: bytes, or the buffer it was read into.
 Body = bytes | bytearray | memoryview
@@ -175,13 +172,14 @@ class Runtime:
 
     async def evaluate(
         self,
-        request: Request,
+        scope: Scope,
         prepare: Callable[[Admit], Prepared[T]],
         *,
         wire_bytes: int,
         compressed: bool = False,
     ) -> T:
-        """Decode, check and cost a request (``prepare``), then compute it.
+        """Decode, check and cost a request (``prepare``), then compute it
+        (``scope``: the request's, HTTP or gRPC, whose state holds its reservations).
 
         Small uncompressed bodies are prepared on the event loop, and also
         computed there when their prediction is small (a hand-off to a worker
@@ -195,11 +193,11 @@ class Runtime:
             prepared = prepare(_admit_inline)
             if prepared.memory_bytes <= INLINE_MAX_WORK_BYTES:
                 return prepared.finish()
-            held = self.reservation(request.scope)
+            held = self.reservation(scope)
             return await self.run(
                 self._reserve_and_finish, prepared, held, deadline, 0, held=held, deadline=deadline
             )
-        held = self.reservation(request.scope)
+        held = self.reservation(scope)
         return await self.run(self._in_pool, prepare, held, deadline, held=held, deadline=deadline)
 
     def _in_pool(
@@ -626,28 +624,3 @@ class RawResponse(Response):
             (b"content-type", media_type),
             *headers,
         ]
-
-
-def keep_freed_memory(keep_bytes: int) -> bool:
-    """Have glibc's malloc keep up to ``keep_bytes`` of freed memory for reuse.
-
-    By default glibc serves every block over 32 MiB (and, until its threshold
-    adapts, over 128 KiB) with a fresh ``mmap`` and gives it back on free, so
-    each large request faults in its body, its tensors and their results page
-    by page: a large b64 request spent about half its time so. Blocks up to
-    ``keep_bytes / 2`` now come from the heap, and up to ``keep_bytes`` of free
-    heap stays mapped. The price is resident memory that stays at the level of
-    the largest recent request. Returns False where this is not glibc.
-    """
-    mallopt = libc_function("mallopt")  # None on musl, macOS
-    if keep_bytes <= 0 or mallopt is None:
-        return False
-    keep = min(keep_bytes, 2**31 - 1)  # mallopt takes a C int
-    return all(
-        mallopt(param, value)
-        for param, value in (
-            (M_MMAP_THRESHOLD, keep // 2),
-            (M_TRIM_THRESHOLD, keep),
-            (M_TOP_PAD, min(keep // 8, 64 * 1024 * 1024)),
-        )
-    )

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from functools import cache
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
-from service import compute
 from service.api.problems import problem_body
+from service.api.routes import compute_route, route
 from service.api.runtime import (
     Admit,
     Body,
@@ -27,10 +26,12 @@ from service.api.runtime import (
     require_json,
     runtime,
 )
-from service.compute import Prepared, Timings, evaluate
+from service.compute import Prepared, Timings
 from service.config import Settings
 from service.errors import FieldError, InvalidPayload, ServiceError
 from service.losses import LOSSES, LossSpec, resolve
+from service.losses.info import example_response, loss_info
+from service.protocols.v1 import prepare_loss
 from service.schemas import (
     BatchRequest,
     BatchResponse,
@@ -59,7 +60,7 @@ def json_response(content: Any, headers: dict[str, str] | None = None) -> Respon
 
 async def serve_loss(request: Request, spec: LossSpec) -> Response:
     def make(payload: Any, settings: Settings, timings: Timings) -> Prepared[bytes]:
-        evaluation = compute.prepare(spec, payload, settings, timings)
+        evaluation = prepare_loss(spec, payload, settings, timings)
 
         def finish() -> bytes:
             result = evaluation.finish()
@@ -91,7 +92,7 @@ async def _serve_json(
         return make(payload, rt.settings, timings)
 
     content = await rt.evaluate(
-        request, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
+        request.scope, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
     )
     request.scope["state"]["loss_stats"] = timings.stats()
     return RawResponse(content, b"application/json", [(b"server-timing", timings.header())])
@@ -115,6 +116,12 @@ def _parse_body(
     return payload
 
 
+@compute_route("/v1/losses/{name}")
+async def post_by_name(request: Request, name: str) -> Response:
+    """Evaluate a loss named by its function or torch.nn class name (any case)."""
+    return await serve_loss(request, resolve(name))
+
+
 def _loss_endpoint(spec: LossSpec) -> Any:
     async def endpoint(request: Request) -> Response:
         return await serve_loss(request, spec)
@@ -122,55 +129,6 @@ def _loss_endpoint(spec: LossSpec) -> Any:
     endpoint.__name__ = f"post_{spec.name}"
     endpoint.__doc__ = f"Evaluate torch.nn.functional.{spec.name} (alias {spec.alias})."
     return endpoint
-
-
-@cache
-def example_response(spec: LossSpec) -> dict[str, Any]:
-    """The worked example's result, computed by torch on the CPU."""
-    result = evaluate(spec, {**spec.example, "device": "cpu"}, Settings(), Timings())
-    return dict(result)
-
-
-def loss_info(spec: LossSpec) -> dict[str, Any]:
-    return {
-        "name": spec.name,
-        "aliases": [spec.alias],
-        "description": spec.description,
-        "formula": spec.formula,
-        "arguments": [
-            {
-                "name": a.name,
-                "role": a.role,
-                "shape": a.shape,
-                "required": a.required,
-                "differentiable": a.name in spec.maybe_differentiable,
-                "prediction": a.prediction,
-                "description": a.description,
-            }
-            for a in spec.args
-        ],
-        "options": [
-            {
-                "name": o.name,
-                "type": o.type.__name__,
-                "default": o.default,
-                "allowed": list(o.choices) if o.choices is not None else None,
-                "description": o.description,
-            }
-            for o in spec.options
-        ]
-        + [
-            {
-                "name": "reduction",
-                "type": "str",
-                "default": "mean",
-                "allowed": list(spec.reductions),
-                "description": "how the per-element losses are reduced",
-            }
-        ],
-        "differentiable": spec.maybe_differentiable,
-        "example": {"request": spec.example, "response": example_response(spec)},
-    }
 
 
 def build_router() -> APIRouter:
@@ -211,10 +169,10 @@ def build_router() -> APIRouter:
             },
         )
 
-    @router.post("/losses/{name}", include_in_schema=False)
-    async def post_by_alias(name: str, request: Request) -> Response:
-        """Evaluate a loss named by its torch.nn class name (any case)."""
-        return await serve_loss(request, resolve(name))
+    by_name = route("/v1/losses/{name}")
+    router.add_api_route(
+        by_name.path.removeprefix("/v1"), by_name.serve, methods=["POST"], include_in_schema=False
+    )
 
     @router.post(
         "/batch",
@@ -256,7 +214,7 @@ def _prepare_batch(payload: Any, settings: Settings, timings: Timings) -> Prepar
                     [FieldError((*loc, "loss"), 'expected an object with a "loss" name')]
                 )
             fields = {k: v for k, v in item.items() if k != "loss"}
-            prepared.append(compute.prepare(resolve(item["loss"]), fields, settings, timings, loc))
+            prepared.append(prepare_loss(resolve(item["loss"]), fields, settings, timings, loc))
         except ServiceError as exc:
             prepared.append({"error": problem_body(exc)})
 

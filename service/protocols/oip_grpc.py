@@ -1,0 +1,170 @@
+"""The Open Inference Protocol over gRPC: a ``ModelInferRequest`` ->
+``InferRequest``; an ``Evaluation`` -> a ``ModelInferResponse``; model
+metadata as protobuf. Pure: the servicer (``service.api.grpc``) hands it
+messages already received.
+
+The messages are Triton's generated ones (``tritonclient.grpc.service_pb2``,
+a superset of KServe's ``grpc_predict_v2.proto``). Tensors come as raw
+little-endian bytes (``raw_input_contents``, one entry per input, in input
+order) or in the typed ``contents`` fields; outputs always go back raw
+(``raw_output_contents``), as Triton sends them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from tritonclient.grpc import service_pb2 as pb
+
+from service.compute import Evaluation
+from service.errors import BadRequest, quote
+from service.losses import LossSpec
+from service.protocols import oip
+from service.protocols.oip import DATATYPES, InferRequest
+from service.tensors import MAX_DIMS, ElementBudget, bytes_to_tensor, check_dims, tensor_view
+
+# Which typed ``contents`` field carries each datatype, and the numpy dtype
+# its values are read in (FP16 and BF16 have none: they travel raw).
+CONTENTS: dict[str, tuple[str, type[np.generic]]] = {
+    "BOOL": ("bool_contents", np.bool_),
+    "INT32": ("int_contents", np.int32),
+    "INT64": ("int64_contents", np.int64),
+    "UINT8": ("uint_contents", np.uint8),
+    "FP32": ("fp32_contents", np.float32),
+    "FP64": ("fp64_contents", np.float64),
+}
+
+
+def parameter_value(parameter: pb.InferParameter) -> Any:
+    """An ``InferParameter`` as the plain value a JSON parameter would be."""
+    which = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, which) if which is not None else None
+
+
+def parse_infer(
+    spec: LossSpec, message: pb.ModelInferRequest, budget: ElementBudget
+) -> InferRequest:
+    """A ModelInferRequest -> decoded tensors, parameters and outputs."""
+    request = InferRequest(
+        spec,
+        message.id or None,
+        tensors={},
+        parameters={k: parameter_value(v) for k, v in message.parameters.items()},
+        outputs=None,
+        binary_output=True,
+    )
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise BadRequest(
+            f"raw_input_contents holds {len(raw)} entries for {len(message.inputs)} inputs; "
+            "send one per input, in input order, or none (typed contents)"
+        )
+    if not message.inputs:
+        raise BadRequest(
+            f"inputs must not be empty; model {spec.name} takes {oip.describe_inputs(spec)}"
+        )
+    for index, item in enumerate(message.inputs):
+        name = oip.input_name(spec, item.name)
+        tensor = _decode_input(name, item, raw[index] if raw else None, budget)
+        oip.add_input(request, name, tensor)
+    if message.outputs:
+        request.outputs = []
+        for output in message.outputs:
+            if output.parameters:
+                raise BadRequest(
+                    f"output {quote(output.name)}: unsupported parameter(s) "
+                    f"{quote(sorted(output.parameters))} (classification and shared memory "
+                    "are not supported)"
+                )
+            request.outputs.append(oip.output_request(spec, request.outputs, output.name))
+    oip.check_inputs(request)
+    return request
+
+
+def _decode_input(
+    name: str,
+    item: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | None,
+    budget: ElementBudget,
+) -> torch.Tensor:
+    if item.parameters:
+        raise BadRequest(
+            f"input {quote(name)}: unsupported parameter(s) {quote(sorted(item.parameters))}"
+        )
+    shape = list(item.shape)
+    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+        raise BadRequest(
+            f"input {quote(name)}: shape must hold at most {MAX_DIMS} non-negative "
+            f"dimensions, got {quote(shape)}"
+        )
+    extent = check_dims(shape, (name, "shape"))  # 422: a shape torch cannot hold
+    datatype = item.datatype
+    if datatype not in DATATYPES:
+        raise BadRequest(
+            f"input {quote(name)}: datatype must be one of {', '.join(DATATYPES)}, "
+            f"got {quote(datatype)}"
+        )
+    dtype = DATATYPES[datatype]
+    numel = math.prod(shape)
+    budget.take(name, numel, extent)
+    if raw is not None:
+        wire_dtype = torch.uint8 if dtype == torch.bool else dtype
+        itemsize = torch.empty((), dtype=wire_dtype).element_size()
+        if len(raw) != numel * itemsize:
+            raise BadRequest(
+                f"input {quote(name)}: raw_input_contents holds {len(raw)} bytes but shape "
+                f"{shape} of {datatype} takes {numel * itemsize}"
+            )
+        return bytes_to_tensor(raw, wire_dtype, shape, as_bool=dtype == torch.bool)
+    if datatype not in CONTENTS:
+        raise BadRequest(
+            f"input {quote(name)}: {datatype} has no typed contents field; send it in "
+            "raw_input_contents"
+        )
+    field, np_dtype = CONTENTS[datatype]
+    values = getattr(item.contents, field)
+    if len(values) != numel:
+        raise BadRequest(
+            f"input {quote(name)}: shape {shape} takes {numel} elements, "
+            f"contents.{field} holds {len(values)}"
+        )
+    # uint_contents holds uint32 values: one past UINT8's range is refused, never wrapped
+    if datatype == "UINT8" and numel and max(values) > 255:
+        raise BadRequest(f"input {quote(name)}: contents.{field} holds {max(values)}, past UINT8")
+    return torch.from_numpy(np.array(values, dtype=np_dtype)).reshape(shape)
+
+
+def encode_response(request: InferRequest, evaluation: Evaluation) -> pb.ModelInferResponse:
+    """Every selected output, its bytes in raw_output_contents."""
+    response = pb.ModelInferResponse(
+        model_name=request.spec.name, model_version=oip.MODEL_VERSION, id=request.id or ""
+    )
+    for output, tensor in oip.selected_outputs(request, evaluation):
+        response.outputs.add(
+            name=output.name, datatype=oip.DATATYPE_NAMES[tensor.dtype], shape=list(tensor.shape)
+        )
+        response.raw_output_contents.append(bytes(tensor_view(tensor)))
+    return response
+
+
+def model_metadata(metadata: dict[str, Any]) -> pb.ModelMetadataResponse:
+    """``oip.model_metadata`` as protobuf (which has no per-tensor parameters)."""
+
+    def tensors(items: list[dict[str, Any]]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+        return [
+            pb.ModelMetadataResponse.TensorMetadata(
+                name=t["name"], datatype=t["datatype"], shape=t["shape"]
+            )
+            for t in items
+        ]
+
+    return pb.ModelMetadataResponse(
+        name=metadata["name"],
+        versions=metadata["versions"],
+        platform=metadata["platform"],
+        inputs=tensors(metadata["inputs"]),
+        outputs=tensors(metadata["outputs"]),
+    )

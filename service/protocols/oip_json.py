@@ -1,0 +1,296 @@
+"""The Open Inference Protocol over REST: a JSON inference request, or
+(binary tensor data extension) a JSON header of ``Inference-Header-Content-Length``
+bytes followed by the raw little-endian bytes of each binary input in input
+order -> ``InferRequest``; an ``Evaluation`` -> the response, framed the same
+way. Pure: the route hands it bytes already read and decompressed."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+import torch
+
+from service.compute import Evaluation
+from service.errors import BadRequest, invalid, quote
+from service.losses import LossSpec
+from service.protocols.oip import (
+    DATATYPE_NAMES,
+    DATATYPES,
+    MODEL_VERSION,
+    InferRequest,
+    OutputRequest,
+    add_input,
+    check_inputs,
+    describe_inputs,
+    input_name,
+    output_request,
+    selected_outputs,
+)
+from service.tensors import (
+    MAX_DIMS,
+    ElementBudget,
+    bytes_to_tensor,
+    check_dims,
+    decode_raw,
+    encode_tensor,
+    tensor_view,
+    to_integers,
+)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# A request body as read: bytes, or the buffer it was read into.
+Body = bytes | bytearray | memoryview
+
+REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
+INPUT_FIELDS = frozenset({"name", "shape", "datatype", "parameters", "data"})
+
+
+def split_body(body: Body, header_length: str | None) -> tuple[Body, memoryview]:
+    """The JSON header and the binary data after it."""
+    if header_length is None:
+        return body, memoryview(b"")
+    text = header_length.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise BadRequest(
+            f"{HEADER_LENGTH} must be a non-negative integer (bytes of JSON header), "
+            f"got {quote(header_length)}"
+        )
+    # A length past any body is refused before int() meets thousands of digits.
+    if len(text) > len(str(len(body))) or int(text) > len(body):
+        raise BadRequest(
+            f"{HEADER_LENGTH} is {text[:40]}{'...' if len(text) > 40 else ''} but the body "
+            f"holds only {len(body)} bytes"
+        )
+    length = int(text)
+    return body[:length], memoryview(body)[length:]
+
+
+def parse_infer(
+    spec: LossSpec, header: Body, binary: memoryview, budget: ElementBudget
+) -> InferRequest:
+    """The JSON header and the binary data -> decoded tensors, parameters and outputs."""
+    try:
+        payload = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"invalid JSON in the inference request header: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("the inference request must be a JSON object")
+    unknown = set(payload) - REQUEST_FIELDS
+    if unknown:
+        raise BadRequest(
+            f"unknown field(s) {quote(sorted(unknown))} in the inference request; expected "
+            "id, parameters, inputs, outputs"
+        )
+    request_id = payload.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest(f"id must be a string, got {quote(request_id)}")
+    parameters = payload.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("parameters must be a JSON object")
+    binary_output = parameters.get("binary_data_output", False)
+    if not isinstance(binary_output, bool):
+        raise BadRequest(
+            f"parameters.binary_data_output must be a boolean, got {quote(binary_output)}"
+        )
+    request = InferRequest(
+        spec,
+        request_id,
+        tensors={},
+        parameters=parameters,
+        outputs=_parse_outputs(spec, payload.get("outputs")),
+        binary_output=binary_output,
+    )
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest(
+            f"inputs must be a non-empty array; model {spec.name} takes {describe_inputs(spec)}"
+        )
+    offset = 0
+    for index, item in enumerate(inputs):
+        name, tensor, size = _decode_input(spec, index, item, binary, offset, budget)
+        offset += size
+        add_input(request, name, tensor)
+    if offset != len(binary):
+        raise BadRequest(
+            f"the body holds {len(binary)} bytes of binary data after the JSON header, but the "
+            f"inputs' binary_data_size add up to {offset}"
+        )
+    check_inputs(request)
+    return request
+
+
+def _decode_input(
+    spec: LossSpec,
+    index: int,
+    item: Any,
+    binary: memoryview,
+    offset: int,
+    budget: ElementBudget,
+) -> tuple[str, torch.Tensor, int]:
+    """One entry of ``inputs`` -> (name, tensor, bytes of binary data it took)."""
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise BadRequest(f"inputs[{index}] must be an object with a string name")
+    name = input_name(spec, item["name"])
+    unknown = set(item) - INPUT_FIELDS
+    if unknown:
+        raise BadRequest(f"input {quote(name)}: unknown field(s) {quote(sorted(unknown))}")
+    shape = item.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(_dimension(d) for d in shape)
+    ):
+        raise BadRequest(
+            f"input {quote(name)}: shape must be an array of at most {MAX_DIMS} non-negative "
+            f"integers, got {quote(shape)}"
+        )
+    extent = check_dims(shape, (name, "shape"))  # 422: a shape torch cannot hold
+    datatype = item.get("datatype")
+    if datatype not in DATATYPES:
+        raise BadRequest(
+            f"input {quote(name)}: datatype must be one of {', '.join(DATATYPES)}, "
+            f"got {quote(datatype)}"
+        )
+    dtype = DATATYPES[datatype]
+    parameters = _tensor_parameters(
+        item, f"input {quote(name)}", "binary_data_size", "shared memory is not supported"
+    )
+    numel = math.prod(shape)
+    size = parameters.get("binary_data_size")
+    if size is None:
+        if "data" not in item:
+            raise BadRequest(
+                f"input {quote(name)} has neither data nor parameters.binary_data_size"
+            )
+        return name, _decode_json_data(name, item["data"], shape, extent, dtype, budget), 0
+    if "data" in item:
+        raise BadRequest(f"input {quote(name)} has both data and parameters.binary_data_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise BadRequest(
+            f"input {quote(name)}: binary_data_size must be a non-negative integer, "
+            f"got {quote(size)}"
+        )
+    budget.take(name, numel, extent)
+    itemsize = 1 if dtype == torch.bool else torch.empty((), dtype=dtype).element_size()
+    if size != numel * itemsize:
+        raise BadRequest(
+            f"input {quote(name)}: binary_data_size is {size} but shape {shape} of {datatype} "
+            f"takes {numel * itemsize} bytes"
+        )
+    if offset + size > len(binary):
+        raise BadRequest(
+            f"input {quote(name)}: binary_data_size {size} at offset {offset} runs past the end of "
+            f"the body ({len(binary)} bytes of binary data after the JSON header)"
+        )
+    wire_dtype = torch.uint8 if dtype == torch.bool else dtype
+    tensor = bytes_to_tensor(
+        binary[offset : offset + size], wire_dtype, shape, as_bool=dtype == torch.bool
+    )
+    return name, tensor, size
+
+
+def _dimension(value: Any) -> bool:
+    """A non-negative integer; or one past int64 that JSON parsing made a double
+    (check_dims refuses it as outside int64, with a 422)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value >= 0
+    return isinstance(value, float) and value >= 2**63
+
+
+def _decode_json_data(
+    name: str,
+    data: Any,
+    shape: list[int],
+    extent: int,
+    dtype: torch.dtype,
+    budget: ElementBudget,
+) -> torch.Tensor:
+    """JSON ``data`` (flat or nested, row-major) -> a tensor of ``shape`` and ``dtype``."""
+    if dtype.is_floating_point:
+        tensor, _ = decode_raw(data, field=name, role="float", float_dtype=dtype, budget=budget)
+    else:
+        raw, _ = decode_raw(data, field=name, role="any", float_dtype=torch.float64, budget=budget)
+        if dtype == torch.bool:
+            if raw.numel() and not bool(((raw == 0) | (raw == 1)).all()):
+                raise invalid(name, "expected booleans (true/false or 1/0)")
+            tensor = raw != 0
+        else:
+            tensor = to_integers(raw, name, dtype, f"{DATATYPE_NAMES[dtype]} integers")
+    if tensor.numel() != math.prod(shape):
+        raise BadRequest(
+            f"input {quote(name)}: shape {shape} takes {math.prod(shape)} elements, "
+            f"data holds {tensor.numel()}"
+        )
+    budget.take(name, 0, extent)  # the data's elements are counted; the shape's span too
+    return tensor.reshape(shape)
+
+
+def _tensor_parameters(item: dict[str, Any], what: str, known: str, note: str) -> dict[str, Any]:
+    """An input's or output's parameters: an object holding ``known`` at most."""
+    parameters = item.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"{what}: parameters must be a JSON object")
+    unknown = set(parameters) - {known}
+    if unknown:
+        raise BadRequest(
+            f"{what}: unsupported parameter(s) {quote(sorted(unknown))} (only {known}; {note})"
+        )
+    return parameters
+
+
+def _parse_outputs(spec: LossSpec, raw: Any) -> list[OutputRequest] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise BadRequest("outputs must be an array")
+    outputs: list[OutputRequest] = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise BadRequest(f"outputs[{index}] must be an object with a string name")
+        output = output_request(spec, outputs, item["name"])
+        parameters = _tensor_parameters(
+            item,
+            f"output {quote(output.name)}",
+            "binary_data",
+            "classification and shared memory are not supported",
+        )
+        binary = parameters.get("binary_data")
+        if binary is not None and not isinstance(binary, bool):
+            raise BadRequest(
+                f"output {quote(output.name)}: binary_data must be a boolean, got {quote(binary)}"
+            )
+        output.binary = binary
+        outputs.append(output)
+    return outputs
+
+
+def encode_response(request: InferRequest, evaluation: Evaluation) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary data follows.
+    Binary outputs are copied once, from the tensors into the body."""
+    outputs: list[dict[str, Any]] = []
+    chunks: list[memoryview] = []
+    for requested, tensor in selected_outputs(request, evaluation):
+        output: dict[str, Any] = {
+            "name": requested.name,
+            "shape": list(tensor.shape),
+            "datatype": DATATYPE_NAMES[tensor.dtype],
+        }
+        binary = request.binary_output if requested.binary is None else requested.binary
+        if binary:
+            raw = tensor_view(tensor)
+            output["parameters"] = {"binary_data_size": raw.nbytes}
+            chunks.append(raw)
+        else:
+            output["data"] = encode_tensor(tensor, "flat")["data"]
+        outputs.append(output)
+    response: dict[str, Any] = {"model_name": request.spec.name, "model_version": MODEL_VERSION}
+    if request.id is not None:
+        response["id"] = request.id
+    response["outputs"] = outputs
+    header = orjson.dumps(response)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)

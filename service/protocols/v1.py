@@ -1,0 +1,129 @@
+"""The v1 JSON wire format: a parsed request body -> ``LossCall``;
+``Evaluation`` -> the response body (contract sections 3 and 4)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+import torch
+
+from service.compute import (
+    Argument,
+    Evaluation,
+    LossCall,
+    Prepared,
+    Timings,
+    check_grad_output,
+    device_name,
+    prepare,
+    relocate,
+    wire_role,
+)
+from service.config import Settings
+from service.errors import InvalidPayload
+from service.losses import LossSpec
+from service.schemas import parse_request
+from service.tensors import (
+    FLOAT_DTYPES,
+    ElementBudget,
+    Encoding,
+    decode_raw,
+    dtype_name,
+    encode_scalar,
+    encode_tensor,
+)
+
+
+def loss_call(
+    spec: LossSpec, body: Any, settings: Settings, loc: tuple[str | int, ...] = ("body",)
+) -> LossCall:
+    """One v1 request body (parsed JSON) -> the call, its tensors decoded
+    against one element budget."""
+    request = parse_request(spec, body, loc)
+    float_dtype = FLOAT_DTYPES[request.dtype]
+    budget = ElementBudget.for_request(settings)
+    arguments: dict[str, Argument] = {}
+    grad_output: torch.Tensor | None = None
+    try:
+        for arg in spec.args:
+            value = getattr(request, arg.name)
+            if value is None:
+                continue  # the core says whether it was required
+            if (
+                arg.role == "float_or_number"
+                and isinstance(value, int | float)
+                and not isinstance(value, bool)
+            ):
+                arguments[arg.name] = float(value)
+                continue
+            arguments[arg.name] = decode_raw(
+                value,
+                field=arg.name,
+                role=wire_role(arg.role),
+                float_dtype=float_dtype,
+                budget=budget,
+            )
+        check_grad_output(request.grad, request.grad_output is not None)
+        if request.grad_output is not None:
+            # Plain JSON numbers are decoded exactly (as doubles) and rounded
+            # once to the loss output's dtype when used; a tensor object
+            # without a dtype is read in the request's float dtype, as the
+            # arguments are.
+            grad_output, _ = decode_raw(
+                request.grad_output,
+                field="grad_output",
+                role="float",
+                float_dtype=float_dtype if isinstance(request.grad_output, dict) else torch.float64,
+                budget=budget,
+            )
+    except InvalidPayload as exc:
+        raise relocate(exc, loc) from None
+    return LossCall(
+        spec,
+        arguments,
+        options={name: getattr(request, name) for name in spec.option_names},
+        grad=request.grad,
+        grad_output=grad_output,
+        device=request.device,
+        float_dtype=float_dtype,
+        encoding=request.encoding,
+        loc=loc,
+    )
+
+
+def prepare_loss(
+    spec: LossSpec,
+    body: Any,
+    settings: Settings,
+    timings: Timings,
+    loc: tuple[str | int, ...] = ("body",),
+) -> Prepared[dict[str, Any]]:
+    """Decode, check and cost one v1 request body; ``finish()`` gives the
+    response body."""
+    start = time.perf_counter()
+    call = loss_call(spec, body, settings, loc)
+    timings.decode += time.perf_counter() - start
+    return prepare(call, settings, timings, encode_response)
+
+
+def encode_response(evaluation: Evaluation) -> dict[str, Any]:
+    """The response body of contract section 4."""
+    call, value = evaluation.call, evaluation.value
+    encoding = cast(Encoding, call.encoding)  # one of v1's, as loss_call set it
+    response: dict[str, Any] = {
+        "loss": call.spec.name,
+        "value": encode_scalar(value) if value.dim() == 0 else encode_tensor(value, encoding),
+        "shape": list(value.shape),
+        "dtype": dtype_name(value.dtype),
+        "device": device_name(value.device),
+    }
+    if call.grad is not False:
+        response["grad"] = {n: encode_tensor(g, encoding) for n, g in evaluation.grads.items()}
+    return response
+
+
+def evaluate(spec: LossSpec, body: Any, settings: Settings) -> dict[str, Any]:
+    """One v1 request body -> its response body, here and now (the catalog's
+    worked examples, the command line)."""
+    return prepare_loss(spec, body, settings, Timings()).finish()
