@@ -89,6 +89,7 @@ SERVICE_LIMITS = {
     "LOSS_SERVICE_QUEUE_TIMEOUT": "600",
     "LOSS_SERVICE_LOG_LEVEL": "warning",
     "LOSS_SERVICE_LOG_FORMAT": "text",
+    "LOSS_SERVICE_GRPC_PORT": "0",  # two services run side by side; HTTP is what is timed
 }
 
 
