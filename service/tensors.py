@@ -471,13 +471,30 @@ def _from_array(
 # --------------------------------------------------------------------------- encode
 
 
+# Results from a GPU at least this large come back through pinned memory.
+PINNED_RESULT_MIN_BYTES = 1024 * 1024
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A result on the CPU, to be encoded. A large one on a GPU is copied into
+    page-locked memory (torch's host allocator keeps such blocks for reuse):
+    the DMA engine then writes it at full speed, where a copy into pageable
+    memory goes through the driver's staging buffer at a fraction of it."""
+    tensor = tensor.detach()
+    if tensor.device.type == "cpu":
+        return tensor
+    if tensor.nbytes < PINNED_RESULT_MIN_BYTES:
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor)  # synchronous: the bytes are there when it returns
+    return host
+
+
 def encode_tensor(tensor: torch.Tensor, encoding: Encoding) -> Any:
     """A tensor -> its wire form in the requested encoding. Never fails for a
     tensor torch made: no numpy array is built for one without elements, and
     a 0-dim tensor is a bare number in the nested form."""
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
+    tensor = to_host(tensor)
     if encoding == "b64":
         return {
             "shape": list(tensor.shape),

@@ -137,3 +137,18 @@ def test_large_binary_body_on_cuda_is_exact_pinned_or_not(pinned: bool) -> None:
         rt = app.state.runtime
         assert rt.pin_bodies is pinned
         assert rt.bodies.used == 0
+
+
+def test_large_results_come_back_through_pinned_memory() -> None:
+    from service.tensors import PINNED_RESULT_MIN_BYTES, to_host
+
+    # 2 MiB of float32, strided
+    big = torch.randn(PINNED_RESULT_MIN_BYTES, device="cuda").view(-1, 4)[:, ::2]
+    assert not big.is_contiguous() and big.nbytes >= PINNED_RESULT_MIN_BYTES
+    host = to_host(big)
+    assert host.device.type == "cpu" and host.is_pinned()
+    assert torch.equal(host, big.cpu())
+    small = torch.randn(16, device="cuda")
+    assert torch.equal(to_host(small), small.cpu())
+    on_cpu = torch.randn(4)
+    assert to_host(on_cpu) is on_cpu

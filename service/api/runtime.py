@@ -165,7 +165,7 @@ class Runtime:
             self.trim_due = loop.call_later(delay - quiet, self._trim, loop)
             return
         loop.run_in_executor(None, trim_freed_memory)
-        if self.pin_bodies:
+        if torch.cuda.is_initialized():  # pinned bodies and results (service.tensors.to_host)
             loop.run_in_executor(None, empty_pinned_cache)
 
     # ------------------------------------------------------------- where work runs

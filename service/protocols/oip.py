@@ -18,6 +18,7 @@ from service.compute import Argument, Evaluation, LossCall
 from service.errors import BadRequest, NotFound, invalid, quote
 from service.losses import LossSpec, TensorArg, resolve
 from service.schemas import DEPRECATED_OPTIONS, parse_options
+from service.tensors import to_host
 
 MODEL_VERSION = "1"
 SERVER_NAME = "loss-service"
@@ -234,7 +235,7 @@ def selected_outputs(
             tensor = value.reshape(1) if value.dim() == 0 else value
         else:
             tensor = evaluation.grads[output.name.removeprefix("grad_")]
-        result.append((output, tensor.detach().cpu()))
+        result.append((output, to_host(tensor)))
     return result
 
 
