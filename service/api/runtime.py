@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope
+from starlette.types import Message, Receive, Scope, Send
 
 from service import fastjson
 from service.compute import Prepared
@@ -165,7 +165,8 @@ class Runtime:
             self.trim_due = loop.call_later(delay - quiet, self._trim, loop)
             return
         loop.run_in_executor(None, trim_freed_memory)
-        if torch.cuda.is_initialized():  # pinned bodies and results (service.tensors.to_host)
+        # pinned bodies and results (service.tensors.to_host)
+        if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             loop.run_in_executor(None, empty_pinned_cache)
 
     # ------------------------------------------------------------- where work runs
@@ -611,7 +612,7 @@ class RawResponse(Response):
 
     def __init__(
         self,
-        content: bytes | bytearray,
+        content: bytes | bytearray | memoryview,
         media_type: bytes,
         headers: list[tuple[bytes, bytes]],
         status: int = 200,
@@ -624,3 +625,27 @@ class RawResponse(Response):
             (b"content-type", media_type),
             *headers,
         ]
+
+
+class PiecesResponse(RawResponse):
+    """A response whose body goes out as the pieces it was made of (a JSON
+    header, then views of result tensors), each its own write: a large
+    gradient is not copied into one body first."""
+
+    def __init__(
+        self,
+        pieces: list[bytes | memoryview],
+        media_type: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        super().__init__(b"", media_type, headers)
+        self.pieces = pieces
+        self.raw_headers[0] = (b"content-length", b"%d" % sum(len(p) for p in pieces))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        last = len(self.pieces) - 1
+        for i, piece in enumerate(self.pieces):
+            await send({"type": "http.response.body", "body": piece, "more_body": i < last})

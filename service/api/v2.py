@@ -24,6 +24,7 @@ from service.api.ops import is_ready
 from service.api.routes import compute_route, route
 from service.api.runtime import (
     Admit,
+    PiecesResponse,
     RawResponse,
     decompress,
     is_compressed,
@@ -185,7 +186,7 @@ def prepare_infer(
     settings: Settings,
     timings: Timings,
     admit: Admit,
-) -> Prepared[tuple[bytes, int | None]]:
+) -> Prepared[tuple[list[bytes | memoryview], int | None]]:
     """One inference request body, decoded, checked and costed; ``finish()``
     gives the response body and its JSON header's length (when binary data
     follows)."""
@@ -214,18 +215,18 @@ async def serve_infer(request: Request, spec: LossSpec) -> Response:
     encoding = request_header(request, b"content-encoding") or ""
     timings = Timings()
 
-    def prepare(admit: Admit) -> Prepared[tuple[bytes, int | None]]:
+    def prepare(admit: Admit) -> Prepared[tuple[list[bytes | memoryview], int | None]]:
         return prepare_infer(spec, body, declared, encoding, rt.settings, timings, admit)
 
-    content, length = await rt.evaluate(
+    pieces, length = await rt.evaluate(
         request.scope, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
     )
     request.scope["state"]["loss_stats"] = timings.stats()
     headers = [(b"server-timing", timings.header())]
     if length is None:
-        return RawResponse(content, b"application/json", headers)
+        return RawResponse(pieces[0], b"application/json", headers)
     headers.append((HEADER_LENGTH_KEY, b"%d" % length))
-    return RawResponse(content, b"application/octet-stream", headers)
+    return PiecesResponse(pieces, b"application/octet-stream", headers)
 
 
 @compute_route("/v2/models/{name}/infer")

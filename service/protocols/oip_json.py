@@ -267,11 +267,14 @@ def _parse_outputs(spec: LossSpec, raw: Any) -> list[OutputRequest] | None:
     return outputs
 
 
-def encode_response(request: InferRequest, evaluation: Evaluation) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary data follows.
-    Binary outputs are copied once, from the tensors into the body."""
+def encode_response(
+    request: InferRequest, evaluation: Evaluation
+) -> tuple[list[bytes | memoryview], int | None]:
+    """The response body in pieces (the JSON header, then each binary output's
+    bytes as a view of its tensor: none is copied into one body), and the JSON
+    header's length when binary data follows."""
     outputs: list[dict[str, Any]] = []
-    chunks: list[memoryview] = []
+    chunks: list[bytes | memoryview] = []
     for requested, tensor in selected_outputs(request, evaluation):
         output: dict[str, Any] = {
             "name": requested.name,
@@ -292,5 +295,5 @@ def encode_response(request: InferRequest, evaluation: Evaluation) -> tuple[byte
     response["outputs"] = outputs
     header = orjson.dumps(response)
     if not chunks:
-        return header, None
-    return b"".join([header, *chunks]), len(header)
+        return [header], None
+    return [header, *chunks], len(header)
