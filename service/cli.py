@@ -378,14 +378,19 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     DrainingServer(uvicorn.Config(app, **common)).run()
 
 
+def browsable_url(host: str, port: int) -> str:
+    """The server's URL as a browser on this machine can open it: a wildcard
+    bind address (0.0.0.0 in the container) becomes the loopback one."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+
+
 def log_startup(host: str, port: int, workers: int, devices: list[str], state: str) -> None:
     """One line saying where the docs are, which version, torch, CUDA and devices."""
     from service import version_info
 
     info = version_info(devices)
-    # a wildcard address is not one a browser can open: show the loopback one
-    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    base = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+    base = browsable_url(host, port)
     fields = {
         "docs": f"{base}/docs", "version": info["version"], "torch": info["torch"],
         "cuda": info["cuda"] or "none", "devices": ",".join(devices), "workers": workers,
