@@ -1,4 +1,5 @@
-"""Command line: ``loss-service serve | openapi | losses | compute``.
+"""Command line: ``loss-service serve | openapi | losses | compute``, and
+``loss-service --version`` (also ``python -m service``).
 
 Exit codes: 0 success; 1 the server answered with an error (its problem
 details go to stderr); 2 usage errors (bad arguments, unreadable tensor
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
+import socket
 import sys
 import textwrap
 import threading
@@ -42,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="loss-service")
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print the service, torch and CUDA versions"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="start the HTTP server (uvicorn)")
     serve_cmd.add_argument("--host", help="default LOSS_SERVICE_HOST")
@@ -110,6 +116,34 @@ def _main(argv: list[str] | None) -> int:
     else:
         sys.stdout.buffer.write(text)
     return 0
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: built when asked for, since it imports torch."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from service import version_info
+
+        print(version_line(version_info(local_devices())))
+        parser.exit()
+
+
+def local_devices() -> list[str]:
+    """The devices torch sees here (what ``/readyz`` and ``/version`` list)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["cpu", *(f"cuda:{i}" for i in range(count))]
+
+
+def version_line(info: dict[str, Any]) -> str:
+    return (
+        f"{info['name']} {info['version']} (torch {info['torch']}, "
+        f"CUDA {info['cuda'] or 'none'}, devices: {', '.join(info['devices'])})"
+    )
 
 
 def _connection_args(parser: argparse.ArgumentParser) -> None:
@@ -294,30 +328,43 @@ def _assignment(label: str, tensor: Any, precision: int) -> str:
 def serve(host: str | None, port: int | None, workers: int | None) -> None:
     """Start uvicorn with the settings; on SIGTERM, /readyz turns 503 first,
     then (after LOSS_SERVICE_SHUTDOWN_DRAIN_SECONDS) uvicorn stops accepting
-    and lets in-flight requests finish."""
+    and lets in-flight requests finish. A default device this machine does
+    not have stops it before it starts, with one line."""
     import uvicorn
 
     from service import logs
-    from service.config import settings
+    from service.config import SettingsError, check_device, settings
 
+    try:
+        check_device(settings.device)
+    except SettingsError as exc:
+        raise SystemExit(f"loss-service: {exc}") from None
     logs.configure(settings.log_level, settings.log_format)
-    host = host or settings.host
-    port = port if port is not None else settings.port
-    workers = workers or settings.workers
+    bind_host = host or settings.host
+    bind_port = port if port is not None else settings.port
+    n_workers = workers or settings.workers
     common: dict[str, Any] = {
-        "host": host, "port": port, "log_config": None, "access_log": False,
+        "host": bind_host, "port": bind_port, "log_config": None, "access_log": False,
         "timeout_graceful_shutdown": settings.compute_timeout,
         # header timeout, header size cap, uploads cut at shutdown
         "http": "service.api.connections:GuardedHttpToolsProtocol",
     }  # fmt: skip
-    if workers > 1:
+    if n_workers > 1:
+        # each worker starts on its own, so the line comes before they listen
+        log_startup(bind_host, bind_port, n_workers, local_devices(), "starting")
         # uvicorn's supervisor forwards SIGTERM to each worker, which drains on its own
-        uvicorn.run("service.main:app", workers=workers, **common)
+        uvicorn.run("service.main:app", workers=n_workers, **common)
         return
 
     from service.main import app
 
     class DrainingServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started and self.servers and self.servers[0].sockets:
+                bound = self.servers[0].sockets[0].getsockname()[1]  # the real one for port 0
+                log_startup(bind_host, bound, n_workers, app.state.devices, "serving")
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             runtime = app.state.runtime
             delay = settings.shutdown_drain_seconds
@@ -329,6 +376,26 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
             threading.Timer(delay, super().handle_exit, (sig, frame)).start()
 
     DrainingServer(uvicorn.Config(app, **common)).run()
+
+
+def browsable_url(host: str, port: int) -> str:
+    """The server's URL as a browser on this machine can open it: a wildcard
+    bind address (0.0.0.0 in the container) becomes the loopback one."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+
+
+def log_startup(host: str, port: int, workers: int, devices: list[str], state: str) -> None:
+    """One line saying where the docs are, which version, torch, CUDA and devices."""
+    from service import version_info
+
+    info = version_info(devices)
+    base = browsable_url(host, port)
+    fields = {
+        "docs": f"{base}/docs", "version": info["version"], "torch": info["torch"],
+        "cuda": info["cuda"] or "none", "devices": ",".join(devices), "workers": workers,
+    }  # fmt: skip
+    logging.getLogger("loss_service").info(f"{state} on {base}", extra={"fields": fields})
 
 
 if __name__ == "__main__":

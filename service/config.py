@@ -1,14 +1,30 @@
 """Settings: every knob comes from the environment, prefix ``LOSS_SERVICE_``.
 
-Nothing else in the service reads ``os.environ``.
+Nothing else in the service reads ``os.environ``. A malformed value stops the
+process at import (so ``loss-service serve`` and ``uvicorn service.main:app``
+alike) with one line naming the variable and what it accepts; a device the
+machine does not have is checked by ``check_device`` before the server starts.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
+
+ENV_PREFIX = "LOSS_SERVICE_"
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# A secret's value never goes into an error message.
+_SECRET_FIELDS = frozenset({"api_keys"})
+
+
+class SettingsError(ValueError):
+    """A setting the server cannot start with; the message is one line that
+    names the variable and says what is allowed."""
 
 
 class Settings(BaseSettings):
@@ -20,7 +36,7 @@ class Settings(BaseSettings):
         8001, ge=0, le=65535, description="Open Inference Protocol over gRPC (as Triton); 0 = off"
     )
     workers: int = Field(1, ge=1)
-    device: str = Field("auto", description="Default device: auto, cpu, cuda or cuda:N")
+    device: str = Field("auto", description=f"Default device: {DEVICE_FORMS}")
     torch_threads: int = Field(0, ge=0, description="torch.set_num_threads; 0 keeps torch's own")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_tensor_elements: int = Field(2**26, ge=1, description="Per request, all tensors")
@@ -99,6 +115,13 @@ class Settings(BaseSettings):
         "served; then computations in flight finish and uploads still running are cut",
     )
 
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, value: str) -> str:
+        if not _DEVICE.fullmatch(value):
+            raise ValueError(f"expected {DEVICE_FORMS}")
+        return value
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -107,4 +130,57 @@ class Settings(BaseSettings):
         return value
 
 
-settings = Settings()
+def describe(exc: ValidationError) -> str:
+    """One line naming each variable that failed, its value and what is allowed."""
+    parts = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        message = error["msg"].removeprefix("Value error, ")
+        value = "" if field in _SECRET_FIELDS else "=" + _shown(error.get("input"))
+        parts.append(f"{ENV_PREFIX}{field.upper()}{value}: {message}")
+    return "; ".join(parts)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def load_settings() -> Settings:
+    """The settings from the environment, or a SettingsError."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(describe(exc)) from None
+    except SourceError as exc:  # a value pydantic-settings could not even parse
+        raise SettingsError(str(exc)) from None
+
+
+def check_device(device: str) -> None:
+    """A SettingsError when the default device is not on this machine: else
+    every request would get a 422 blaming the client's ``device``."""
+    if device in ("auto", "cpu"):
+        return
+    import torch  # here: reading the settings does not need torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    name = f"{ENV_PREFIX}DEVICE={device!r}"
+    if count == 0:
+        build = "a CPU-only build" if torch.version.cuda is None else "no CUDA device visible"
+        raise SettingsError(
+            f"{name}: this machine has no CUDA device (torch {torch.__version__}, {build}); "
+            "allowed here: auto, cpu"
+        )
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        allowed = ", ".join(["auto", "cpu", "cuda", *(f"cuda:{i}" for i in range(count))])
+        raise SettingsError(
+            f"{name}: this machine has {count} CUDA device(s); allowed here: {allowed}"
+        )
+
+
+try:
+    settings = load_settings()
+except SettingsError as exc:
+    # Raised while the server's modules are imported: one line, no traceback.
+    raise SystemExit(f"loss-service: {exc}") from None

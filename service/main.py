@@ -23,7 +23,7 @@ from service.api.hotpaths import HotPathDispatch
 from service.api.middleware import APIKeyMiddleware, ObservabilityMiddleware
 from service.api.runtime import Runtime
 from service.compute import available_devices
-from service.config import Settings
+from service.config import Settings, SettingsError, check_device
 from service.config import settings as default_settings
 from service.limits import keep_freed_memory
 from service.losses import LOSSES
@@ -153,4 +153,14 @@ def service_middleware(
     return ObservabilityMiddleware(app, runtime=runtime)
 
 
-app = create_app()
+def default_app() -> FastAPI:
+    """The app of ``uvicorn service.main:app``: a default device this machine
+    does not have stops the server here, with one line and no traceback."""
+    try:
+        check_device(default_settings.device)
+    except SettingsError as exc:
+        raise SystemExit(f"loss-service: {exc}") from None
+    return create_app()
+
+
+app = default_app()

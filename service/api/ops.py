@@ -1,13 +1,31 @@
-"""Operations routes: liveness, readiness and Prometheus metrics."""
+"""Operations routes: liveness, readiness, version and Prometheus metrics."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
 from starlette.responses import Response
 
+from service import version_info
 from service.api.runtime import runtime
 from service.api.v1 import json_response
+from service.compute import available_devices
+
+
+class VersionInfo(BaseModel):
+    """The service's name and version, and what it runs on (contract §12)."""
+
+    name: str = Field(examples=["loss-service"])
+    version: str = Field(examples=["0.1.0"])
+    torch: str = Field(description="torch.__version__", examples=["2.13.0+cpu"])
+    cuda: str | None = Field(
+        description="torch.version.cuda: the CUDA torch was built with; null for a CPU build",
+        examples=["12.8"],
+    )
+    devices: list[str] = Field(
+        description="The devices this server computes on", examples=[["cpu", "cuda:0"]]
+    )
 
 
 def is_ready(app: FastAPI) -> bool:
@@ -33,6 +51,12 @@ def build_router() -> APIRouter:
                 media_type="application/json", headers={"Retry-After": "1"},
             )  # fmt: skip
         return json_response({"status": "ready", "devices": request.app.state.devices})
+
+    @router.get("/version", response_model=VersionInfo)
+    async def version(request: Request) -> Response:
+        """The service, torch and CUDA versions, and the devices."""
+        devices = request.app.state.devices or available_devices()  # probed at start-up
+        return json_response(version_info(devices))
 
     @router.get("/metrics", response_class=Response)
     async def metrics(request: Request) -> Response:
