@@ -25,13 +25,16 @@ from typing import Any
 import httpx
 import pytest
 import torch
+import yaml
 
-from deploy.ray.local_cluster import LocalRayCluster
+from deploy.ray.local_cluster import ROOT, LocalRayCluster
 from tests.cases import CASES, assert_same, decode, encode, request_body, torch_call
 
 with warnings.catch_warnings():
     # ray.serve's own models still pass extra keywords to pydantic's Field
     warnings.simplefilter("ignore", DeprecationWarning)
+    from ray.serve.schema import ServeDeploySchema
+
     from deploy.ray.app import NODE_HEADER, REPLICA_HEADER, check_settings
 
 APP = "loss-service"
@@ -58,6 +61,28 @@ def test_config_settings_are_checked() -> None:
         "device": "cpu",
         "torch_threads": 1,
     }
+
+
+def shipped_serve_configs() -> dict[str, Any]:
+    rayservice = yaml.safe_load((ROOT / "deploy/ray/rayservice.yaml").read_text())
+    return {
+        "serve.yaml": yaml.safe_load((ROOT / "deploy/ray/serve.yaml").read_text()),
+        "serve-gpu.yaml": yaml.safe_load((ROOT / "deploy/ray/serve-gpu.yaml").read_text()),
+        "rayservice.yaml serveConfigV2": yaml.safe_load(rayservice["spec"]["serveConfigV2"]),
+    }
+
+
+@pytest.mark.parametrize("name", list(shipped_serve_configs()))
+def test_shipped_serve_configs_are_valid(name: str) -> None:
+    """Each Serve config we ship passes Serve's own schema, and its
+    args.settings pass the service's, before any cluster sees them."""
+    config = shipped_serve_configs()[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ServeDeploySchema.model_validate(config)
+    (application,) = config["applications"]
+    assert application["import_path"] == "deploy.ray.app:build"
+    check_settings(application["args"]["settings"])
 
 
 @pytest.fixture(scope="module")
