@@ -1,10 +1,13 @@
-"""CI only: validate deploy/kubernetes/*.yaml against the Kubernetes schemas.
+"""CI only: validate deploy/kubernetes/*.yaml (and deploy/ray/rayservice.yaml)
+against the Kubernetes schemas.
 
 Every built-in resource is validated strictly (unknown fields are errors) with
 kubernetes-validate, for each Kubernetes version given (default: 1.30 and the
 newest the package knows). KServe's InferenceService is a custom resource with
 no schema there: its predictor is a PodSpec plus KServe's scaling fields, so
-the predictor (less those fields) is validated as the spec of a Pod.
+the predictor (less those fields) is validated as the spec of a Pod. KubeRay's
+RayService likewise: each head and worker group's pod template as a Pod, and
+its serveConfigV2 parsed as a Serve config.
 
     python validate-manifests.py [--k8s 1.30 --k8s 1.37] FILE...
 """
@@ -29,7 +32,36 @@ KSERVE_MODEL_FIELDS = {"model", "sklearn", "xgboost", "tensorflow", "pytorch", "
                        "onnx", "huggingface", "pmml", "lightgbm", "paddle"}
 
 
+def rayservice_checks(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """KubeRay's RayService: each group's pod template validated as a Pod, and
+    serveConfigV2 parsed as a Serve config with at least one application."""
+    if doc.get("apiVersion") != "ray.io/v1":
+        raise ValueError(f"RayService apiVersion {doc.get('apiVersion')!r}")
+    spec = doc.get("spec") or {}
+    serve_config = yaml.safe_load(spec.get("serveConfigV2") or "")
+    if not isinstance(serve_config, dict) or not serve_config.get("applications"):
+        raise ValueError("serveConfigV2 is not a Serve config with applications")
+    for app in serve_config["applications"]:
+        if not app.get("import_path") or not app.get("name"):
+            raise ValueError(f"serveConfigV2 application without import_path/name: {app}")
+    cluster = spec.get("rayClusterConfig") or {}
+    groups = [("head", cluster.get("headGroupSpec") or {})]
+    groups += [(g.get("groupName", "?"), g) for g in cluster.get("workerGroupSpecs") or []]
+    checks = []
+    for name, group in groups:
+        template = group.get("template") or {}
+        if not template.get("spec", {}).get("containers"):
+            raise ValueError(f"group {name}: pod template without containers")
+        checks.append({"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {**template.get("metadata", {}),
+                                    "name": f"{doc['metadata']['name']}-{name}"},
+                       "spec": template["spec"]})
+    return checks
+
+
 def as_checks(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    if doc.get("kind") == "RayService":
+        return rayservice_checks(doc)
     if doc.get("kind") != "InferenceService":
         return [doc]
     if doc.get("apiVersion") != "serving.kserve.io/v1beta1":

@@ -1,0 +1,1 @@
+"""Ray Serve deployment of loss-service (``deploy.ray.app:build``)."""

@@ -1,0 +1,332 @@
+"""The Ray Serve deployment (deploy/ray/) on a real two-node Ray cluster.
+
+Two ``ray start`` processes on this machine, each a node with its own CPUs
+and loopback address (deploy/ray/local_cluster.py), run the committed Serve
+config (deploy/ray/serve.yaml, its proxy moved to a free port, the
+autoscaling bounds made small) through ``serve run``. The tests then check,
+through Serve's HTTP proxy: the replicas sit on both nodes and both answer;
+every answer equals torch in-process and the single-process service's; a
+replica killed with SIGKILL under load loses no request that is retried, and
+Serve starts a new one; load makes the autoscaler add a replica. The cluster
+is torn down whatever happens (its own processes only, never ``ray stop``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import yaml
+
+from deploy.ray.local_cluster import ROOT, LocalRayCluster
+from tests.cases import CASES, assert_same, decode, encode, request_body, torch_call
+
+with warnings.catch_warnings():
+    # ray.serve's own models still pass extra keywords to pydantic's Field
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from ray.serve.schema import ServeDeploySchema
+
+    from deploy.ray.app import NODE_HEADER, REPLICA_HEADER, check_settings
+
+APP = "loss-service"
+SEED = {"input": [[2, 1], [1, 2]], "target": [1, 0]}
+MSE = {"input": [[3, 1], [1, 0]], "target": [[1, 0], [1, 0]]}
+# Bounds on what the cluster may take, on a 2-core machine shared with others.
+DEPLOY_TIMEOUT = 180.0
+RECOVER_TIMEOUT = 90.0
+UPSCALE_TIMEOUT = 90.0
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_config_settings_are_checked() -> None:
+    """A misspelt setting in args.settings fails the build instead of being
+    ignored; settings the proxy owns are refused; good ones pass."""
+    with pytest.raises(ValueError, match=r"unknown setting.*torch_thread"):
+        check_settings({"torch_thread": 1})
+    with pytest.raises(ValueError, match="belong to Serve's proxy"):
+        check_settings({"port": 9000})
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        check_settings({"max_body_bytes": 0})
+    assert check_settings({"device": "cpu", "torch_threads": 1}) == {
+        "device": "cpu",
+        "torch_threads": 1,
+    }
+
+
+def shipped_serve_configs() -> dict[str, Any]:
+    rayservice = yaml.safe_load((ROOT / "deploy/ray/rayservice.yaml").read_text())
+    return {
+        "serve.yaml": yaml.safe_load((ROOT / "deploy/ray/serve.yaml").read_text()),
+        "serve-gpu.yaml": yaml.safe_load((ROOT / "deploy/ray/serve-gpu.yaml").read_text()),
+        "rayservice.yaml serveConfigV2": yaml.safe_load(rayservice["spec"]["serveConfigV2"]),
+    }
+
+
+@pytest.mark.parametrize("name", list(shipped_serve_configs()))
+def test_shipped_serve_configs_are_valid(name: str) -> None:
+    """Each Serve config we ship passes Serve's own schema, and its
+    args.settings pass the service's, before any cluster sees them."""
+    config = shipped_serve_configs()[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ServeDeploySchema.model_validate(config)
+    (application,) = config["applications"]
+    assert application["import_path"] == "deploy.ray.app:build"
+    check_settings(application["args"]["settings"])
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalRayCluster]:
+    with LocalRayCluster(nodes=2, cpus_per_node=2) as cluster:
+        config = cluster.serve_config()
+        application = config["applications"][0]
+        application["args"]["settings"].update(device="cpu", log_level="warning")
+        deployment = application["deployments"][0]
+        deployment["autoscaling_config"].update(
+            min_replicas=2,
+            initial_replicas=2,
+            max_replicas=3,
+            target_ongoing_requests=2,
+            upscale_delay_s=1,
+            downscale_delay_s=600,
+            look_back_period_s=2,
+            metrics_interval_s=0.5,
+        )
+        cluster.serve_run(config)
+        wait_for(
+            lambda: cluster.replica_states().get("RUNNING") == 2,
+            DEPLOY_TIMEOUT,
+            f"2 RUNNING replicas of {APP}",
+            cluster,
+        )
+        wait_for(lambda: proxy_ready(cluster), 60, "Serve's proxy answering", cluster)
+        yield cluster
+
+
+def proxy_ready(cluster: LocalRayCluster) -> bool:
+    try:
+        return httpx.get(f"{url(cluster)}/readyz", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def url(cluster: LocalRayCluster) -> str:
+    return f"http://127.0.0.1:{cluster.http_port}"
+
+
+def wait_for(check: Any, timeout: float, what: str, cluster: LocalRayCluster) -> float:
+    """Seconds until ``check()`` held; fails with the nodes' logs after ``timeout``."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            logs = "\n".join(
+                cluster.log_tail(p, 1500) for p in sorted(cluster.dir.glob("node*.log"))
+            )
+            pytest.fail(
+                f"no {what} within {timeout:.0f} s; status {cluster.serve_status()}\n{logs}"
+            )
+        time.sleep(1)
+    return time.monotonic() - start
+
+
+def spread(
+    cluster: LocalRayCluster, requests: int = 40, threads: int = 2
+) -> tuple[Counter[str], set[str]]:
+    """Replica ids (with counts) and node ids that answered ``requests``
+    concurrent seed requests."""
+    replicas: Counter[str] = Counter()
+    nodes: set[str] = set()
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        with httpx.Client(base_url=url(cluster), timeout=30) as client:
+            for _ in range(n):
+                response = client.post("/v1/losses/cross_entropy", json=SEED)
+                assert response.status_code == 200, response.text
+                with lock:
+                    replicas[response.headers[REPLICA_HEADER.decode()]] += 1
+                    nodes.add(response.headers[NODE_HEADER.decode()])
+
+    pool = [threading.Thread(target=worker, args=(requests // threads,)) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return replicas, nodes
+
+
+def test_two_replicas_on_two_nodes_both_answer(cluster: LocalRayCluster) -> None:
+    node_ids = set(
+        cluster.driver("print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))").split()
+    )
+    assert len(node_ids) == 2
+    replicas, nodes = spread(cluster)
+    assert len(replicas) == 2, replicas
+    assert min(replicas.values()) >= 4, f"one replica took almost nothing: {replicas}"
+    # the two replicas sit on the two different Ray nodes
+    assert nodes == node_ids
+
+
+def test_answers_equal_torch_and_the_single_process_service(
+    cluster: LocalRayCluster, live_server: str
+) -> None:
+    """Every loss of the table, with gradients, through Serve's proxy: the value
+    bit for bit torch's, the whole body the single uvicorn process's."""
+    seen: set[str] = set()
+    with (
+        httpx.Client(base_url=url(cluster), timeout=60) as ray_client,
+        httpx.Client(base_url=live_server, timeout=60) as plain_client,
+    ):
+        for case in CASES:
+            for reduction in ("mean", "none"):
+                body = request_body(case, reduction, "b64", encoding="b64", grad=True)
+                via_ray = ray_client.post(f"/v1/losses/{case.loss}", json=body)
+                plain = plain_client.post(f"/v1/losses/{case.loss}", json=body)
+                assert via_ray.status_code == plain.status_code == 200, (case.id, via_ray.text)
+                assert via_ray.json() == plain.json(), case.id
+                expected = torch_call(case, reduction)
+                assert_same(decode(via_ray.json()["value"], expected.dtype), expected)
+                seen.add(via_ray.headers[REPLICA_HEADER.decode()])
+        # the Open Inference Protocol too
+        v2 = {
+            "inputs": [
+                {"name": "input", "shape": [2, 2], "datatype": "FP32", "data": [2, 1, 1, 2]},
+                {"name": "target", "shape": [2], "datatype": "INT64", "data": [1, 0]},
+            ]
+        }
+        via_ray = ray_client.post("/v2/models/cross_entropy/infer", json=v2)
+        plain = plain_client.post("/v2/models/cross_entropy/infer", json=v2)
+        assert via_ray.status_code == plain.status_code == 200, via_ray.text
+        assert via_ray.json() == plain.json()
+        # a client error is the service's own 422, not a proxy error
+        bad = ray_client.post("/v1/losses/cross_entropy", json={**SEED, "target": [1, 5]})
+        assert bad.status_code == 422
+        assert bad.json()["errors"][0]["loc"][-1] == "target"
+    assert len(seen) == 2, seen
+    seed_value = torch.nn.functional.cross_entropy(
+        torch.tensor([[2.0, 1.0], [1.0, 2.0]]), torch.tensor([1, 0])
+    )
+    assert via_ray.json()["outputs"][0]["data"] == [seed_value.item()]
+
+
+def post_retrying(
+    client: httpx.Client, body: dict[str, Any], attempts: int = 20
+) -> tuple[httpx.Response, int]:
+    """POST mse_loss, retrying 5xx answers and broken connections (a loss is
+    a pure function: a retry is always safe); returns the answer and the
+    number of retries it took."""
+    for attempt in range(attempts):
+        try:
+            response = client.post("/v1/losses/mse_loss", json=body)
+        except httpx.TransportError:
+            time.sleep(0.2)
+            continue
+        if response.status_code < 500:
+            return response, attempt
+        time.sleep(0.2)
+    raise AssertionError(f"no answer after {attempts} attempts")
+
+
+def test_killed_replica_loses_no_retried_request_and_comes_back(cluster: LocalRayCluster) -> None:
+    before, _ = spread(cluster, requests=20)
+    replica_pids = cluster.own_pids("ServeReplica:loss-service")
+    assert len(replica_pids) == 2, replica_pids
+    expected = torch.nn.functional.mse_loss(
+        torch.tensor(MSE["input"], dtype=torch.float32),
+        torch.tensor(MSE["target"], dtype=torch.float32),
+    ).item()
+    results: list[tuple[int, float, int]] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def load() -> None:
+        with httpx.Client(base_url=url(cluster), timeout=30) as client:
+            while not stop.is_set():
+                response, retries = post_retrying(client, MSE)
+                with lock:
+                    results.append((response.status_code, response.json()["value"], retries))
+
+    # one request at a time: below the autoscaler's target, so that the
+    # replica count only moves because of the kill
+    pool = [threading.Thread(target=load)]
+    for t in pool:
+        t.start()
+    try:
+        time.sleep(2)
+        victim = replica_pids[0]
+        os.kill(victim, signal.SIGKILL)
+        sent_at_kill = len(results)
+        time.sleep(8)
+    finally:
+        stop.set()
+        for t in pool:
+            t.join(timeout=120)
+    assert len(results) > sent_at_kill + 5, "requests stopped being answered after the kill"
+    assert all(status == 200 and value == expected for status, value, _ in results), Counter(
+        (s, v) for s, v, _ in results
+    )
+    took = wait_for(
+        lambda: (
+            cluster.replica_states().get("RUNNING") == 2
+            and len(cluster.own_pids("ServeReplica:loss-service")) == 2
+        ),
+        RECOVER_TIMEOUT,
+        "replacement replica",
+        cluster,
+    )
+    assert victim not in cluster.own_pids("ServeReplica:loss-service")
+    after, _ = spread(cluster, requests=20)
+    assert len(after) == 2 and set(after) != set(before), (before, after)
+    print(
+        f"\nkill: {len(results)} requests answered, {sum(r for *_, r in results)} retries; "
+        f"replacement running {took:.1f} s after the load stopped"
+    )
+
+
+def test_load_makes_the_autoscaler_add_a_replica(cluster: LocalRayCluster) -> None:
+    assert cluster.replica_states().get("RUNNING") == 2
+    # requests that take a while, so that several are in flight per replica
+    g = torch.Generator().manual_seed(7)
+    heavy = {
+        "input": encode(torch.randn(512, 1000, generator=g), "b64"),
+        "target": encode(torch.randint(0, 1000, (512,), generator=g), "b64"),
+        "grad": True,
+    }
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def load() -> None:
+        with httpx.Client(base_url=url(cluster), timeout=60) as client:
+            while not stop.is_set():
+                response = client.post("/v1/losses/cross_entropy", json=heavy)
+                if response.status_code != 200:
+                    errors.append(f"{response.status_code} {response.text[:200]}")
+
+    pool = [threading.Thread(target=load) for _ in range(6)]
+    for t in pool:
+        t.start()
+    try:
+        took = wait_for(
+            lambda: cluster.replica_states().get("RUNNING", 0) >= 3,
+            UPSCALE_TIMEOUT,
+            "third replica under load",
+            cluster,
+        )
+    finally:
+        stop.set()
+        for t in pool:
+            t.join(timeout=120)
+    assert not errors, errors[:5]
+    replicas, _ = spread(cluster, requests=60, threads=6)
+    assert len(replicas) == 3, replicas
+    print(f"\nautoscaler: a third replica RUNNING {took:.1f} s after the load started")
