@@ -89,7 +89,8 @@ def build_router() -> APIRouter:
         "/systemsharedmemory/region/{name}/register",
         responses={200: done, **errors},
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-            "schema": SystemRegister.model_json_schema()}}}},
+            "schema": SystemRegister.model_json_schema(),
+            "example": {"key": "/input_data", "offset": 0, "byte_size": 1048576}}}}},
     )  # fmt: skip
     async def system_register(request: Request, name: str) -> Response:
         """Register a POSIX shared-memory object (key, offset, byte_size) as a region."""
@@ -130,7 +131,9 @@ def build_router() -> APIRouter:
         "/cudasharedmemory/region/{name}/register",
         responses={200: done, **errors},
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-            "schema": CudaRegister.model_json_schema()}}}},
+            "schema": CudaRegister.model_json_schema(),
+            "example": {"raw_handle": {"b64": "<cudaIpcGetMemHandle, base64>"},
+                        "device_id": 0, "byte_size": 1048576}}}}},
     )  # fmt: skip
     async def cuda_register(request: Request, name: str) -> Response:
         """Register a cudaIPC handle (raw_handle.b64, device_id, byte_size) as a region."""
