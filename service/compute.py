@@ -294,10 +294,9 @@ def compute(checked: Plan, timings: Timings) -> Evaluation:
     """Compute a checked call on its device."""
     start = time.perf_counter()
     tensors, device = checked.tensors, checked.device
-    if device.type != "cpu":  # decoded on the CPU, checked there, then moved once
-        tensors = {
-            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()
-        }
+    # decoded on the CPU (or over a CUDA shared-memory region), checked there,
+    # then moved once; ``to`` is a no-op for a tensor already there
+    tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
     moved_at = time.perf_counter()
     timings.decode += moved_at - start
     timings.device = device_name(device)

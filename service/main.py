@@ -17,7 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
 from service import __version__
-from service.api import ops, problems, v1, v2
+from service.api import ops, problems, shared_memory, v1, v2
 from service.api.grpc_server import start_grpc
 from service.api.hotpaths import HotPathDispatch
 from service.api.middleware import APIKeyMiddleware, ObservabilityMiddleware
@@ -96,6 +96,7 @@ def create_app(settings: Settings | None = None, *, fast_dispatch: bool = True) 
         yield
         if grpc_server is not None:
             await grpc_server.stop(settings.compute_timeout)
+        runtime.regions.close()  # every region unregistered: mappings and IPC handles go
         runtime.flush()  # the last requests' metrics and log lines
 
     app = FastAPIOffline(
@@ -113,6 +114,7 @@ def create_app(settings: Settings | None = None, *, fast_dispatch: bool = True) 
     problems.install(app)
     app.include_router(v1.build_router())
     app.include_router(v2.build_router())
+    app.include_router(shared_memory.build_router())
     app.include_router(ops.build_router())
     v1.register_models(app)
 

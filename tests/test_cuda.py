@@ -3,6 +3,9 @@ scripts/gpu-check runs these too, beside its own parity, gradient, OOM and speed
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,3 +155,83 @@ def test_large_results_come_back_through_pinned_memory() -> None:
     assert torch.equal(to_host(small), small.cpu())
     on_cpu = torch.randn(4)
     assert to_host(on_cpu) is on_cpu
+
+
+# --------------------------------------------------------------------------- CUDA shared memory
+# A real server process (cudaIpcOpenMemHandle refuses a handle from its own
+# process); the regions made here with tritonclient's cuda_shared_memory.
+
+
+def _cuda_shm_ready() -> bool:
+    from service.shm import cuda_available
+
+    return cuda_available()
+
+
+@pytest.fixture(scope="module")
+def cuda_server() -> Any:
+    from tests.conftest import free_port, start_server, stop_server
+
+    port = free_port()
+    proc, url = start_server({"LOSS_SERVICE_DEVICE": "cuda", "LOSS_SERVICE_GRPC_PORT": str(port)})
+    try:
+        yield url.removeprefix("http://"), f"127.0.0.1:{port}"
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.skipif(not _cuda_shm_ready(), reason="cuda-python is not installed (extra 'cuda')")
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_cuda_shared_memory_in_and_out(cuda_server: Any, protocol: str) -> None:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    import tritonclient.utils.cuda_shared_memory as cudashm
+
+    mod: Any = httpclient if protocol == "http" else grpcclient
+    client = mod.InferenceServerClient(cuda_server[0] if protocol == "http" else cuda_server[1])
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(64, 10, generator=g)
+    t = torch.randint(0, 10, (64,), generator=g)
+    tensors = {"input": x, "target": t}
+    handles = {}
+    try:
+        assert "cuda_shared_memory" in (
+            client.get_server_metadata()["extensions"]
+            if protocol == "http"
+            else client.get_server_metadata().extensions
+        )
+        for name, size in (("input", x.nbytes), ("target", t.nbytes), ("loss", 4),
+                           ("grad_input", x.nbytes)):  # fmt: skip
+            region = f"{protocol}_{name}"
+            handles[name] = cudashm.create_shared_memory_region(region, size, 0)
+            raw = cudashm.get_raw_handle(handles[name])
+            client.register_cuda_shared_memory(region, raw, 0, size)
+        inputs, outputs = [], []
+        for name, tensor in tensors.items():
+            cudashm.set_shared_memory_region(handles[name], [tensor.numpy()])
+            item = mod.InferInput(name, list(tensor.shape), "FP32" if name == "input" else "INT64")
+            item.set_shared_memory(f"{protocol}_{name}", tensor.nbytes)
+            inputs.append(item)
+        for name, size in (("loss", 4), ("grad_input", x.nbytes)):
+            out = mod.InferRequestedOutput(name)
+            out.set_shared_memory(f"{protocol}_{name}", size)
+            outputs.append(out)
+        client.infer("cross_entropy", inputs, outputs=outputs)
+        leaf = x.cuda().requires_grad_()
+        loss = F.cross_entropy(leaf, t.cuda())
+        (grad,) = torch.autograd.grad(loss, leaf)
+        got_loss = cudashm.get_contents_as_numpy(handles["loss"], np.float32, [1])
+        got_grad = cudashm.get_contents_as_numpy(handles["grad_input"], np.float32, [64, 10])
+        torch.testing.assert_close(
+            torch.from_numpy(got_loss.copy()), loss.detach().cpu().reshape(1)
+        )
+        torch.testing.assert_close(torch.from_numpy(got_grad.copy()), grad.cpu())
+        # a bad handle is a 400 / INVALID_ARGUMENT, never a 5xx
+        with pytest.raises(Exception) as excinfo:
+            client.register_cuda_shared_memory(f"{protocol}_bad", b"AAAA", 0, 8)
+        assert "raw_handle" in str(excinfo.value)
+    finally:
+        client.unregister_cuda_shared_memory()
+        for handle in handles.values():
+            cudashm.destroy_shared_memory_region(handle)
+        client.close()

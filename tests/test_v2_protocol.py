@@ -243,7 +243,8 @@ def test_reserved_client_parameters_are_ignored(client: TestClient) -> None:
                     }
                 ]
             },
-            ["shared memory"],
+            # shared memory (tests/test_shm.py) names its region and its size
+            ["shared_memory_region needs shared_memory_byte_size"],
         ),
         ({"inputs": [tensor("input", [3], "FP32", [1, 2])]}, ["3 elements", "2"]),
     ],

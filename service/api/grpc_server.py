@@ -41,6 +41,13 @@ log = logging.getLogger("service.errors")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSIONS = ["parameters"]
+
+
+def extensions(runtime: Runtime) -> list[str]:
+    """The protocol extensions served: shared memory where it works here."""
+    return [*EXTENSIONS, *runtime.regions.extensions()]
+
+
 # What answers without an API key, as /v2/health/ does over HTTP.
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})
 
@@ -190,7 +197,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, request: pb.ServerMetadataRequest, context: Any, scope: dict[str, Any]
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
-            name=oip.SERVER_NAME, version=__version__, extensions=EXTENSIONS
+            name=oip.SERVER_NAME, version=__version__, extensions=extensions(self.runtime)
         )
 
     @rpc
@@ -215,7 +222,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
         def prepare_call(admit: Admit) -> Prepared[pb.ModelInferResponse]:
             start = time.perf_counter()
-            infer = oip_grpc.parse_infer(spec, request, ElementBudget.for_request(settings))
+            infer = oip_grpc.parse_infer(
+                spec, request, ElementBudget.for_request(settings), rt.regions
+            )
             call = oip.loss_call(infer, encoding="raw")
             timings.decode += time.perf_counter() - start
             return prepare(call, settings, timings, partial(oip_grpc.encode_response, infer))
@@ -226,6 +235,62 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         # trailing: sent with the status, where initial metadata costs a write of its own
         context.set_trailing_metadata((("server-timing", timings.header().decode()),))
         return response
+
+    # ------------------------------------------------------------- shared memory (section 11)
+
+    @rpc
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any, scope: dict[str, Any]
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self.runtime.regions.status("system", request.name or None):
+            response.regions[region["name"]].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(**region)
+            )
+        return response
+
+    @rpc
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any, scope: dict[str, Any]
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.runtime.regions.register_system(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @rpc
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any, scope: dict[str, Any]
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.runtime.regions.unregister("system", request.name or None)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @rpc
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Any, scope: dict[str, Any]
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        response = pb.CudaSharedMemoryStatusResponse()
+        for region in self.runtime.regions.status("cuda", request.name or None):
+            response.regions[region["name"]].CopyFrom(
+                pb.CudaSharedMemoryStatusResponse.RegionStatus(**region)
+            )
+        return response
+
+    @rpc
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Any, scope: dict[str, Any]
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        self.runtime.regions.register_cuda(
+            request.name, bytes(request.raw_handle), request.device_id, request.byte_size
+        )
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    @rpc
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any, scope: dict[str, Any]
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        self.runtime.regions.unregister("cuda", request.name or None)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     async def hold_message(self, scope: dict[str, Any], size: int) -> None:
         """The received message counts against the request-body budget, as an

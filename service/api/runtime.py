@@ -39,6 +39,7 @@ from service.limits import (
 )
 from service.logs import AccessLog
 from service.metrics import Metrics
+from service.shm import Regions
 
 T = TypeVar("T")
 
@@ -114,6 +115,14 @@ class Runtime:
         self.last_held = 0.0
         self.trim_due: asyncio.TimerHandle | None = None
         self.pin_bodies = pin_bodies(settings)
+        # each worker process would have its own registry: a region
+        # registered with one would be unknown to the others
+        self.regions = Regions(
+            self.bodies,
+            enabled=settings.workers == 1,
+            why_not="it needs LOSS_SERVICE_WORKERS=1 (each worker process would hold its own "
+            "regions)",
+        )
 
     def flush(self) -> None:
         for flush in self.flushers:

@@ -45,6 +45,7 @@ from service.protocols.oip_json import (
     parse_infer,
     split_body,
 )
+from service.shm import Regions
 from service.tensors import ElementBudget
 
 HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # as in ASGI headers
@@ -186,6 +187,7 @@ def prepare_infer(
     settings: Settings,
     timings: Timings,
     admit: Admit,
+    regions: Regions | None = None,
 ) -> Prepared[tuple[list[bytes | memoryview], int | None]]:
     """One inference request body, decoded, checked and costed; ``finish()``
     gives the response body and its JSON header's length (when binary data
@@ -194,7 +196,7 @@ def prepare_infer(
     body = decompress(body, content_encoding, settings.max_body_bytes, admit)
     header, binary = split_body(body, header_length)
     admit(parse_bytes(header), "parsing the inference request")
-    request = parse_infer(spec, header, binary, ElementBudget.for_request(settings))
+    request = parse_infer(spec, header, binary, ElementBudget.for_request(settings), regions)
     call = loss_call(request)
     timings.decode += time.perf_counter() - start
     return prepare(call, settings, timings, partial(encode_response, request))
@@ -216,7 +218,9 @@ async def serve_infer(request: Request, spec: LossSpec) -> Response:
     timings = Timings()
 
     def prepare(admit: Admit) -> Prepared[tuple[list[bytes | memoryview], int | None]]:
-        return prepare_infer(spec, body, declared, encoding, rt.settings, timings, admit)
+        return prepare_infer(
+            spec, body, declared, encoding, rt.settings, timings, admit, rt.regions
+        )
 
     pieces, length = await rt.evaluate(
         request.scope, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
@@ -244,10 +248,11 @@ def build_router() -> APIRouter:
     router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
     @router.get("", response_model=ServerMetadata)
-    def server_metadata() -> Response:
+    def server_metadata(request: Request) -> Response:
         """Server metadata: name, version and protocol extensions."""
+        extensions = [*EXTENSIONS, *runtime(request).regions.extensions()]
         return json_response(
-            {"name": "loss-service", "version": __version__, "extensions": EXTENSIONS}
+            {"name": "loss-service", "version": __version__, "extensions": extensions}
         )
 
     @router.get("/health/live", response_model=Live)

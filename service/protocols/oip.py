@@ -18,6 +18,7 @@ from service.compute import Argument, Evaluation, LossCall
 from service.errors import BadRequest, NotFound, invalid, quote
 from service.losses import LossSpec, TensorArg, resolve
 from service.schemas import DEPRECATED_OPTIONS, parse_options
+from service.shm import Target
 from service.tensors import to_host
 
 MODEL_VERSION = "1"
@@ -49,6 +50,8 @@ class OutputRequest:
     name: str
     # raw bytes (REST: binary_data; gRPC: always raw), None = the request's default
     binary: bool | None = None
+    # written into a shared-memory region instead (the response carries no data)
+    target: Target | None = None
 
 
 @dataclass
@@ -215,16 +218,19 @@ def raw_outputs(request: InferRequest) -> frozenset[str]:
     if request.outputs is None:
         return frozenset({"*"}) if request.binary_output else frozenset()
     return frozenset(
-        o.name for o in request.outputs if (request.binary_output if o.binary is None else o.binary)
+        o.name
+        for o in request.outputs
+        if o.target is not None or (request.binary_output if o.binary is None else o.binary)
     )
 
 
 def selected_outputs(
     request: InferRequest, evaluation: Evaluation
 ) -> list[tuple[OutputRequest, torch.Tensor]]:
-    """The outputs to send, each with its tensor on the CPU: those the request
-    names, else the loss and every gradient computed. A 0-dim loss has shape
-    [1] (OIP clients expect at least one dimension)."""
+    """The outputs to send, each with its tensor on the CPU (on its device for
+    one written to shared memory): those the request names, else the loss and
+    every gradient computed. A 0-dim loss has shape [1] (OIP clients expect at
+    least one dimension)."""
     selected = request.outputs
     if selected is None:
         selected = [OutputRequest("loss")] + [OutputRequest(f"grad_{n}") for n in evaluation.grads]
@@ -235,7 +241,8 @@ def selected_outputs(
             tensor = value.reshape(1) if value.dim() == 0 else value
         else:
             tensor = evaluation.grads[output.name.removeprefix("grad_")]
-        result.append((output, to_host(tensor)))
+        # an output into shared memory stays where it is: the region takes it
+        result.append((output, tensor.detach() if output.target else to_host(tensor)))
     return result
 
 

@@ -24,6 +24,8 @@ from service.errors import BadRequest, quote
 from service.losses import LossSpec
 from service.protocols import oip
 from service.protocols.oip import DATATYPES, InferRequest
+from service.shm import PARAMETERS as SHARED_MEMORY
+from service.shm import Reference, Regions, reference
 from service.tensors import MAX_DIMS, ElementBudget, bytes_to_tensor, check_dims, tensor_view
 
 # Which typed ``contents`` field carries each datatype, and the numpy dtype
@@ -45,9 +47,14 @@ def parameter_value(parameter: pb.InferParameter) -> Any:
 
 
 def parse_infer(
-    spec: LossSpec, message: pb.ModelInferRequest, budget: ElementBudget
+    spec: LossSpec,
+    message: pb.ModelInferRequest,
+    budget: ElementBudget,
+    regions: Regions | None = None,
 ) -> InferRequest:
-    """A ModelInferRequest -> decoded tensors, parameters and outputs."""
+    """A ModelInferRequest -> decoded tensors, parameters and outputs
+    (``regions``: the registered shared-memory regions inputs and outputs
+    may name)."""
     request = InferRequest(
         spec,
         message.id or None,
@@ -56,44 +63,66 @@ def parse_infer(
         outputs=None,
         binary_output=True,
     )
-    raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
-        raise BadRequest(
-            f"raw_input_contents holds {len(raw)} entries for {len(message.inputs)} inputs; "
-            "send one per input, in input order, or none (typed contents)"
-        )
     if not message.inputs:
         raise BadRequest(
             f"inputs must not be empty; model {spec.name} takes {oip.describe_inputs(spec)}"
         )
-    for index, item in enumerate(message.inputs):
+    shared = [
+        _shared_memory(f"input {quote(item.name)}", item.parameters, regions)
+        for item in message.inputs
+    ]
+    # raw_input_contents holds the inputs not in shared memory, in order (as Triton reads it)
+    raw = list(message.raw_input_contents)
+    unshared = sum(ref is None for ref in shared)
+    if raw and len(raw) != unshared:
+        raise BadRequest(
+            f"raw_input_contents holds {len(raw)} entries for {unshared} inputs not in shared "
+            "memory; send one per such input, in input order, or none (typed contents)"
+        )
+    contents = iter(raw)
+    for item, ref in zip(message.inputs, shared, strict=True):
         name = oip.input_name(spec, item.name)
-        tensor = _decode_input(name, item, raw[index] if raw else None, budget)
+        if ref is None:
+            tensor = _decode_input(name, item, next(contents) if raw else None, budget)
+        else:
+            assert regions is not None
+            dtype, shape = _tensor_type(name, item, budget)
+            tensor = regions.read(f"input {quote(name)}", ref, dtype, shape)
         oip.add_input(request, name, tensor)
     if message.outputs:
         request.outputs = []
         for output in message.outputs:
-            if output.parameters:
-                raise BadRequest(
-                    f"output {quote(output.name)}: unsupported parameter(s) "
-                    f"{quote(sorted(output.parameters))} (classification and shared memory "
-                    "are not supported)"
-                )
-            request.outputs.append(oip.output_request(spec, request.outputs, output.name))
+            what = f"output {quote(output.name)}"
+            ref = _shared_memory(what, output.parameters, regions)
+            requested = oip.output_request(spec, request.outputs, output.name)
+            if ref is not None:
+                assert regions is not None
+                requested.target = regions.target(what, ref)
+            request.outputs.append(requested)
     oip.check_inputs(request)
     return request
 
 
-def _decode_input(
-    name: str,
-    item: pb.ModelInferRequest.InferInputTensor,
-    raw: bytes | None,
-    budget: ElementBudget,
-) -> torch.Tensor:
-    if item.parameters:
+def _shared_memory(what: str, parameters: Any, regions: Regions | None) -> Reference | None:
+    """The region an input's or output's parameters name (the only parameters
+    a tensor may carry here), if any."""
+    values = {k: parameter_value(v) for k, v in parameters.items()}
+    unknown = set(values) - set(SHARED_MEMORY)
+    if unknown:
         raise BadRequest(
-            f"input {quote(name)}: unsupported parameter(s) {quote(sorted(item.parameters))}"
+            f"{what}: unsupported parameter(s) {quote(sorted(unknown))} (only "
+            f"{', '.join(SHARED_MEMORY)})"
         )
+    ref = reference(what, values)
+    if ref is not None and regions is None:
+        raise BadRequest(f"{what}: shared memory is not available here")
+    return ref
+
+
+def _tensor_type(
+    name: str, item: pb.ModelInferRequest.InferInputTensor, budget: ElementBudget
+) -> tuple[torch.dtype, list[int]]:
+    """An input's datatype and shape, checked and counted."""
     shape = list(item.shape)
     if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
         raise BadRequest(
@@ -107,9 +136,19 @@ def _decode_input(
             f"input {quote(name)}: datatype must be one of {', '.join(DATATYPES)}, "
             f"got {quote(datatype)}"
         )
-    dtype = DATATYPES[datatype]
+    budget.take(name, math.prod(shape), extent)
+    return DATATYPES[datatype], shape
+
+
+def _decode_input(
+    name: str,
+    item: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | None,
+    budget: ElementBudget,
+) -> torch.Tensor:
+    dtype, shape = _tensor_type(name, item, budget)
+    datatype = item.datatype
     numel = math.prod(shape)
-    budget.take(name, numel, extent)
     if raw is not None:
         wire_dtype = torch.uint8 if dtype == torch.bool else dtype
         itemsize = torch.empty((), dtype=wire_dtype).element_size()
@@ -143,10 +182,20 @@ def encode_response(request: InferRequest, evaluation: Evaluation) -> pb.ModelIn
         model_name=request.spec.name, model_version=oip.MODEL_VERSION, id=request.id or ""
     )
     for output, tensor in oip.selected_outputs(request, evaluation):
-        response.outputs.add(
+        added = response.outputs.add(
             name=output.name, datatype=oip.DATATYPE_NAMES[tensor.dtype], shape=list(tensor.shape)
         )
-        response.raw_output_contents.append(bytes(tensor_view(tensor)))
+        if output.target is not None:
+            output.target.write(f"output {quote(output.name)}", tensor)
+            for key, value in output.target.ref.parameters().items():
+                if isinstance(value, str):
+                    added.parameters[key].string_param = value
+                else:
+                    added.parameters[key].int64_param = value
+            # an empty entry keeps raw_output_contents in step with outputs
+            response.raw_output_contents.append(b"")
+        else:
+            response.raw_output_contents.append(bytes(tensor_view(tensor)))
     return response
 
 

@@ -28,6 +28,8 @@ from service.protocols.oip import (
     output_request,
     selected_outputs,
 )
+from service.shm import PARAMETERS as SHARED_MEMORY
+from service.shm import Reference, Regions, reference
 from service.tensors import (
     MAX_DIMS,
     ElementBudget,
@@ -69,9 +71,15 @@ def split_body(body: Body, header_length: str | None) -> tuple[Body, memoryview]
 
 
 def parse_infer(
-    spec: LossSpec, header: Body, binary: memoryview, budget: ElementBudget
+    spec: LossSpec,
+    header: Body,
+    binary: memoryview,
+    budget: ElementBudget,
+    regions: Regions | None = None,
 ) -> InferRequest:
-    """The JSON header and the binary data -> decoded tensors, parameters and outputs."""
+    """The JSON header and the binary data -> decoded tensors, parameters and
+    outputs (``regions``: the registered shared-memory regions inputs and
+    outputs may name)."""
     try:
         payload = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
@@ -100,7 +108,7 @@ def parse_infer(
         request_id,
         tensors={},
         parameters=parameters,
-        outputs=_parse_outputs(spec, payload.get("outputs")),
+        outputs=_parse_outputs(spec, payload.get("outputs"), regions),
         binary_output=binary_output,
     )
     inputs = payload.get("inputs")
@@ -110,7 +118,7 @@ def parse_infer(
         )
     offset = 0
     for index, item in enumerate(inputs):
-        name, tensor, size = _decode_input(spec, index, item, binary, offset, budget)
+        name, tensor, size = _decode_input(spec, index, item, binary, offset, budget, regions)
         offset += size
         add_input(request, name, tensor)
     if offset != len(binary):
@@ -129,6 +137,7 @@ def _decode_input(
     binary: memoryview,
     offset: int,
     budget: ElementBudget,
+    regions: Regions | None,
 ) -> tuple[str, torch.Tensor, int]:
     """One entry of ``inputs`` -> (name, tensor, bytes of binary data it took)."""
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
@@ -155,10 +164,15 @@ def _decode_input(
             f"got {quote(datatype)}"
         )
     dtype = DATATYPES[datatype]
-    parameters = _tensor_parameters(
-        item, f"input {quote(name)}", "binary_data_size", "shared memory is not supported"
-    )
+    what = f"input {quote(name)}"
+    parameters = _tensor_parameters(item, what, ("binary_data_size", *SHARED_MEMORY))
     numel = math.prod(shape)
+    shared = _shared_memory(what, parameters, regions)
+    if shared is not None:
+        if "data" in item or "binary_data_size" in parameters:
+            raise BadRequest(f"{what} has shared_memory_region and also data or binary_data_size")
+        budget.take(name, numel, extent)
+        return name, shared[0].read(what, shared[1], dtype, shape), 0
     size = parameters.get("binary_data_size")
     if size is None:
         if "data" not in item:
@@ -228,20 +242,32 @@ def _decode_json_data(
     return tensor.reshape(shape)
 
 
-def _tensor_parameters(item: dict[str, Any], what: str, known: str, note: str) -> dict[str, Any]:
+def _tensor_parameters(item: dict[str, Any], what: str, known: tuple[str, ...]) -> dict[str, Any]:
     """An input's or output's parameters: an object holding ``known`` at most."""
     parameters = item.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadRequest(f"{what}: parameters must be a JSON object")
-    unknown = set(parameters) - {known}
+    unknown = set(parameters) - set(known)
     if unknown:
         raise BadRequest(
-            f"{what}: unsupported parameter(s) {quote(sorted(unknown))} (only {known}; {note})"
+            f"{what}: unsupported parameter(s) {quote(sorted(unknown))} (only {', '.join(known)})"
         )
     return parameters
 
 
-def _parse_outputs(spec: LossSpec, raw: Any) -> list[OutputRequest] | None:
+def _shared_memory(
+    what: str, parameters: dict[str, Any], regions: Regions | None
+) -> tuple[Regions, Reference] | None:
+    """The region an input's or output's parameters name, if any."""
+    ref = reference(what, parameters)
+    if ref is None:
+        return None
+    if regions is None:
+        raise BadRequest(f"{what}: shared memory is not available here")
+    return regions, ref
+
+
+def _parse_outputs(spec: LossSpec, raw: Any, regions: Regions | None) -> list[OutputRequest] | None:
     if raw is None:
         return None
     if not isinstance(raw, list):
@@ -251,12 +277,11 @@ def _parse_outputs(spec: LossSpec, raw: Any) -> list[OutputRequest] | None:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadRequest(f"outputs[{index}] must be an object with a string name")
         output = output_request(spec, outputs, item["name"])
-        parameters = _tensor_parameters(
-            item,
-            f"output {quote(output.name)}",
-            "binary_data",
-            "classification and shared memory are not supported",
-        )
+        what = f"output {quote(output.name)}"
+        parameters = _tensor_parameters(item, what, ("binary_data", *SHARED_MEMORY))
+        shared = _shared_memory(what, parameters, regions)
+        if shared is not None:
+            output.target = shared[0].target(what, shared[1])
         binary = parameters.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
             raise BadRequest(
@@ -282,7 +307,10 @@ def encode_response(
             "datatype": DATATYPE_NAMES[tensor.dtype],
         }
         binary = request.binary_output if requested.binary is None else requested.binary
-        if binary:
+        if requested.target is not None:
+            requested.target.write(f"output {quote(requested.name)}", tensor)
+            output["parameters"] = requested.target.ref.parameters()
+        elif binary:
             raw = tensor_view(tensor)
             output["parameters"] = {"binary_data_size": raw.nbytes}
             chunks.append(raw)
