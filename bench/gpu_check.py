@@ -27,6 +27,7 @@ before the service's dependencies are needed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import importlib.util
 import math
@@ -47,6 +48,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -251,6 +253,8 @@ class Report:
     bench_rows: list[list[str]] = field(default_factory=list)
     bench_ok: bool | None = None  # None: skipped
     bench_bad: list[str] = field(default_factory=list)  # responses that differ from in-process
+    cuda_shm_rows: list[list[str]] = field(default_factory=list)
+    cuda_shm: str = ""  # why there are no CUDA shared-memory rows, where there are none
     seed: str = ""
     pytest: str = ""
     pytest_ok: bool | None = None  # None: not run
@@ -312,6 +316,7 @@ class Service:
     process: subprocess.Popen[bytes]
     base: str
     log: Path
+    grpc: str | None = None  # host:port of its OIP gRPC front door, where it has one
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -339,6 +344,10 @@ def service(
         env["LOSS_SERVICE_DEVICE"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     log = work / f"{name}.log"
+    grpc = None
+    if name == "service":  # the one the CUDA shared-memory rows reach over gRPC too
+        grpc = f"127.0.0.1:{free_port()}"
+        env["LOSS_SERVICE_GRPC_PORT"] = grpc.rsplit(":", 1)[1]
     command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
     if name == "bare":
         command = [sys.executable, "-m", "uvicorn", "bench.apps.bare_asgi:app", "--port",
@@ -353,7 +362,7 @@ def service(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    svc = Service(process, f"http://127.0.0.1:{port}", log)
+    svc = Service(process, f"http://127.0.0.1:{port}", log, grpc)
     try:
         wait_ready(svc)
         yield svc
@@ -1270,6 +1279,104 @@ def bench_shape(
     )
 
 
+def _infer_into_region(client: Any, inputs: list[Any], output: Any, handle: Any) -> float:
+    """One inference whose loss goes into a CUDA shared-memory region, read back."""
+    import numpy as np
+    import tritonclient.utils.cuda_shared_memory as cudashm
+
+    client.infer("cross_entropy", inputs, outputs=[output])
+    return float(cudashm.get_contents_as_numpy(handle, np.float32, [1])[0])
+
+
+def cuda_shm_bench(svc: Service, shape: tuple[int, int], repeats: int, rep: Report) -> None:
+    """cross_entropy on inputs already on the GPU, in CUDA shared-memory regions
+    that a client made and registered with tritonclient (unmodified), the loss
+    written into an output region: end to end over HTTP and gRPC, against the
+    in-process call on tensors already on the device. Target: within
+    1 ms + 2x of it."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from service.shm import cuda_available
+
+    if not cuda_available():
+        rep.cuda_shm = "not run: cuda-python is not importable in this Python"
+        print("   " + rep.cuda_shm, flush=True)
+        return
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    import tritonclient.utils.cuda_shared_memory as cudashm
+
+    rows, classes = shape
+    rng = np.random.default_rng(rows * 7 + classes)
+    x = rng.standard_normal((rows, classes), dtype=np.float32)
+    t = rng.integers(0, classes, rows, dtype=np.int64)
+    resident = [torch.from_numpy(x).cuda(), torch.from_numpy(t).cuda()]
+
+    def on_device() -> float:
+        value = F.cross_entropy(resident[0], resident[1])
+        torch.cuda.synchronize()
+        return float(value.item())
+
+    calls = max(repeats * 4, 20)
+    inproc, values = time_calls(on_device, calls)
+    expected = values[0]
+    resident.clear()
+    where = {"http": svc.base.removeprefix("http://"), "grpc": svc.grpc}
+    for protocol, module in (("http", httpclient), ("grpc", grpcclient)):
+        if where[protocol] is None:
+            continue
+        mod: Any = module
+        client = mod.InferenceServerClient(where[protocol])
+        handles: dict[str, Any] = {}
+        try:
+            for name, size in (("input", x.nbytes), ("target", t.nbytes), ("loss", 4)):
+                region = f"gpu_check_{protocol}_{name}"
+                handles[name] = cudashm.create_shared_memory_region(region, size, 0)
+                raw = cudashm.get_raw_handle(handles[name])
+                client.register_cuda_shared_memory(region, raw, 0, size)
+            cudashm.set_shared_memory_region(handles["input"], [x])
+            cudashm.set_shared_memory_region(handles["target"], [t])
+            inputs = []
+            for name, array, datatype in (("input", x, "FP32"), ("target", t, "INT64")):
+                item = mod.InferInput(name, list(array.shape), datatype)
+                item.set_shared_memory(f"gpu_check_{protocol}_{name}", array.nbytes)
+                inputs.append(item)
+            output = mod.InferRequestedOutput("loss")
+            output.set_shared_memory(f"gpu_check_{protocol}_loss", 4)
+            call = partial(_infer_into_region, client, inputs, output, handles["loss"])
+            timed, got_values = time_calls(call, calls)
+        finally:
+            with contextlib.suppress(Exception):
+                client.unregister_cuda_shared_memory()
+            for handle in handles.values():
+                cudashm.destroy_shared_memory_region(handle)
+            client.close()
+        same = all(v == expected for v in got_values)
+        if not same:
+            rep.bench_bad.append(f"CUDA shm {protocol}: {sorted(set(got_values))}, in-process "
+                                 f"{expected!r}")  # fmt: skip
+        bound = 1e-3 + 2 * inproc.median
+        rep.cuda_shm_rows.append(
+            [
+                f"[{rows}, {classes}]",
+                protocol,
+                fmt_s(timed.median),
+                fmt_s(timed.minimum),
+                fmt_s(inproc.median),
+                fmt_s(bound),
+                "within" if timed.median <= bound else "OVER",
+                "equal to in-process" if same else "DIFFERENT from in-process",
+            ]
+        )
+        print(
+            f"   CUDA shm over {protocol}: {fmt_s(timed.median)} (in-process on device "
+            f"{fmt_s(inproc.median)}, target {fmt_s(bound)})",
+            flush=True,
+        )
+
+
 def add_row(
     rep: Report,
     shape: str,
@@ -1471,6 +1578,27 @@ def render(
         ]
         lines += ["| " + " | ".join(row) + " |" for row in rep.bench_rows]
         lines.append("")
+    if rep.cuda_shm_rows or rep.cuda_shm:
+        lines += [
+            "## CUDA shared memory",
+            "",
+            "cross_entropy (reduction mean) on inputs in CUDA shared-memory regions made and "
+            "registered by an unmodified tritonclient (`tritonclient.utils.cuda_shared_memory`), "
+            "the loss written into an output region and read back by the client: sequential "
+            "`client.infer` calls, end to end, against `F.cross_entropy` on tensors already "
+            "on the device + synchronize (medians). Target: within 1 ms + 2x of it.",
+            "",
+        ]
+        if rep.cuda_shm:
+            lines += [rep.cuda_shm, ""]
+        else:
+            lines += [
+                "| shape | protocol | end to end median | min | in-process on device | "
+                "target | verdict | value |",
+                "|---|---|---:|---:|---:|---:|---|---|",
+                *("| " + " | ".join(row) + " |" for row in rep.cuda_shm_rows),
+                "",
+            ]
     if rep.bench_bad:
         lines += ["Responses that differ from in-process:", ""]
         lines += [f"- {line}" for line in rep.bench_bad[:20]] + [""]
@@ -1617,6 +1745,12 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     if not args.no_bench:
                         phase("benchmark", f"benchmark on {device} ({sizes} sizes)", bench, svc)
+                    if not args.no_bench and not rehearsal:
+
+                        def cuda_shm() -> None:
+                            cuda_shm_bench(svc, BENCH_SHAPES[sizes][0], args.repeats, rep)
+
+                        phase("cuda_shm", "CUDA shared memory", cuda_shm, svc)
                     phase("oom", "out of memory", oom, svc)
                 if not svc.alive():
                     rep.errors.append(f"the service died:\n{svc.log_tail()}")

@@ -222,10 +222,9 @@ def test_cuda_shared_memory_in_and_out(cuda_server: Any, protocol: str) -> None:
         (grad,) = torch.autograd.grad(loss, leaf)
         got_loss = cudashm.get_contents_as_numpy(handles["loss"], np.float32, [1])
         got_grad = cudashm.get_contents_as_numpy(handles["grad_input"], np.float32, [64, 10])
-        torch.testing.assert_close(
-            torch.from_numpy(got_loss.copy()), loss.detach().cpu().reshape(1)
-        )
-        torch.testing.assert_close(torch.from_numpy(got_grad.copy()), grad.cpu())
+        # bit for bit: the same call on the same device
+        assert torch.equal(torch.from_numpy(got_loss.copy()), loss.detach().cpu().reshape(1))
+        assert torch.equal(torch.from_numpy(got_grad.copy()), grad.cpu())
         # a bad handle is a 400 / INVALID_ARGUMENT, never a 5xx
         with pytest.raises(Exception) as excinfo:
             client.register_cuda_shared_memory(f"{protocol}_bad", b"AAAA", 0, 8)
