@@ -35,7 +35,14 @@ from service.api.runtime import (
 )
 from service.api.runtime import header as request_header
 from service.api.v1 import json_response
-from service.compute import Evaluation, Prepared, Timings, prepare_request, run_prepared
+from service.compute import (
+    Evaluation,
+    Prepared,
+    Timings,
+    device_name,
+    prepare_request,
+    run_prepared,
+)
 from service.config import Settings
 from service.errors import BadRequest, NotFound, invalid, quote
 from service.losses import LossSpec, TensorArg, resolve
@@ -637,6 +644,8 @@ def encode_outputs(
     response: dict[str, Any] = {"model_name": spec.name, "model_version": MODEL_VERSION}
     if call.id is not None:
         response["id"] = call.id
+    # where it ran, as /v1's "device" says (service.client reports it)
+    response["parameters"] = {"device": device_name(evaluation.value.device)}
     response["outputs"] = outputs
     header = orjson.dumps(response)
     if not chunks:
