@@ -151,15 +151,13 @@ class ServiceUnreachableError(LossServiceError, httpx.ConnectError):
     the retries); the message names the URL. Also an ``httpx.ConnectError``."""
 
     def __init__(self, url: str, cause: Exception) -> None:
-        reason = str(cause) or type(cause).__name__
-        problem = {
-            "title": "Service unreachable",
-            "status": 0,
-            "detail": f"cannot connect to loss-service at {url}: {reason}",
-        }
-        LossServiceError.__init__(self, 0, problem)
         self.url = url
-        self.args = (f"cannot connect to loss-service at {url}: {reason}",)
+        self.reason = str(cause) or type(cause).__name__
+        message = f"cannot reach loss-service at {url}: {self.reason}"
+        problem = {"title": "Service unreachable", "status": 0, "detail": message}
+        LossServiceError.__init__(self, 0, problem)
+        self.args = (message,)
+        self._request = getattr(cause, "_request", None)  # httpx's, when it made one
 
     def __str__(self) -> str:
         return str(self.args[0])

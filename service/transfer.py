@@ -153,8 +153,8 @@ class ConnectionPool:
         conn = self._take()
         if conn.sock is None:
             self._connect(conn)
+        sock = conn.sock
         try:
-            sock = conn.sock
             sock.settimeout(self.timeout.write)
             conn.putrequest(method, self.prefix + path, skip_accept_encoding=True)
             for name, value in headers.items():
@@ -163,6 +163,20 @@ class ConnectionPool:
             conn.endheaders()
             for piece in pieces(body):
                 sock.sendall(piece)
+        except TimeoutError:
+            conn.close()
+            raise httpx.WriteTimeout(f"could not send within {self.timeout.write} s") from None
+        except OSError as exc:
+            # The server may have answered before the body was in (a 413) and
+            # closed: that answer, when it can still be read, says why.
+            try:
+                sock.settimeout(self.timeout.read)
+                response = conn.getresponse()
+            except (http.client.HTTPException, OSError):
+                conn.close()
+                raise httpx.RemoteProtocolError(f"sending the request: {exc!r}") from exc
+            return Reply(self, conn, response, self.timeout)
+        try:
             sock.settimeout(self.timeout.read)
             response = conn.getresponse()
         except TimeoutError:
@@ -170,7 +184,7 @@ class ConnectionPool:
             raise httpx.ReadTimeout(f"no response within {self.timeout.read} s") from None
         except (http.client.HTTPException, OSError) as exc:
             conn.close()
-            raise httpx.RemoteProtocolError(f"exchanging with the server: {exc!r}") from exc
+            raise httpx.RemoteProtocolError(f"reading the response: {exc!r}") from exc
         return Reply(self, conn, response, self.timeout)
 
     def _connect(self, conn: http.client.HTTPConnection) -> None:
