@@ -6,7 +6,8 @@
         result = client.loss("cross_entropy", input=logits, target=labels, grad=True)
         result.value, result.grad["input"]
 
-Needs only httpx, numpy and torch (no fastapi, nothing else of the service).
+Needs only httpx, numpy and torch (no fastapi; of the service, only its dtype
+and loss tables and ``service.transfer``).
 
 How values travel:
 
@@ -24,6 +25,10 @@ How values travel:
 - the response is asked for with ``"encoding": "b64"`` unless the call names
   an ``encoding``: it is exact, carries each tensor's dtype and is the
   cheapest to parse.
+- large tensors (``binary_threshold`` bytes and more) go as a /v2 request
+  with the binary extension, both ways, over the client's own connections
+  (``service.transfer``) when it owns its transport; see ``binary_request``
+  for what stays on /v1.
 - result tensors are put on the device of the first torch tensor argument
   (the CPU when there is none); the server's device is the ``device``
   option and is reported in ``LossResult.device``.
@@ -31,7 +36,8 @@ How values travel:
 Errors are raised as ``LossServiceError`` subclasses carrying the RFC 9457
 problem details. A 503 is retried up to ``max_retries`` times, waiting for
 its ``Retry-After`` (else ``backoff * 2**attempt`` seconds, at most
-``max_backoff``); so are failures to connect and dropped connections. A
+``max_backoff``); so are connect timeouts and dropped connections. A refused
+connection is raised at once as ``ServiceUnreachableError`` naming the URL. A
 timeout waiting for the answer is httpx's ``ReadTimeout``, not retried (the
 server may still be computing)."""
 
