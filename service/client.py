@@ -65,6 +65,7 @@ import numpy as np
 import torch
 
 from service import transfer
+from service.client_api import AsyncLossMethods, LossMethods
 from service.dtypes import DTYPE_NAMES as TORCH_DTYPE_NAMES
 from service.dtypes import DTYPES as TORCH_DTYPES
 from service.errors import ServiceError
@@ -768,9 +769,10 @@ async def _async_pieces(parts: list[memoryview]) -> Any:
         yield piece
 
 
-class LossClient:
+class LossClient(LossMethods):
     """A synchronous client for loss-service (one httpx.Client; use it as a
-    context manager or call ``close()``)."""
+    context manager or call ``close()``). Besides ``loss(name, ...)``, each
+    loss is a typed method: ``client.cross_entropy(input, target, ...)``."""
 
     def __init__(
         self,
@@ -887,7 +889,7 @@ class LossClient:
         self.close()
 
 
-class AsyncLossClient:
+class AsyncLossClient(AsyncLossMethods):
     """The asyncio twin of LossClient (one httpx.AsyncClient; ``async with``
     or ``await aclose()``). Binary calls over its own connections run in a
     worker thread (``asyncio.to_thread``), so the event loop stays free."""
