@@ -15,6 +15,7 @@ exception types, so a caller sees the same errors from either path.
 from __future__ import annotations
 
 import http.client
+import select
 import socket
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -129,6 +130,17 @@ class Reply:
         self.close()
 
 
+def idle_and_open(conn: http.client.HTTPConnection) -> bool:
+    """Whether a kept connection can take a request: an idle connection that
+    has something to read was closed by the server (its keep-alive timeout),
+    and sending a large body into it would only fail."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    readable, _, _ = select.select([sock], [], [], 0)
+    return not readable
+
+
 class ConnectionPool:
     """Keep-alive connections to one host, shared by threads (one exchange per
     connection at a time)."""
@@ -201,10 +213,14 @@ class ConnectionPool:
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _take(self) -> http.client.HTTPConnection:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return http.client.HTTPConnection(self.host, self.port)
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return http.client.HTTPConnection(self.host, self.port)
+                conn = self._idle.pop()
+            if idle_and_open(conn):
+                return conn
+            conn.close()
 
     def give_back(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:

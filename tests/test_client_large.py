@@ -6,6 +6,7 @@ to torch in-process; errors, retries and the /v1 fallbacks of that path."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -345,3 +346,30 @@ def test_cuda_tensors_come_back_on_their_device(live_server: str) -> None:
     assert half.grad["input"].device.type == "cuda"
     assert torch.equal(half.value.cpu(), value)
     assert torch.equal(half.grad["input"].cpu(), grads["input"])
+
+
+def test_a_connection_the_server_closed_is_not_reused(live_server: str) -> None:
+    """uvicorn closes an idle connection after 5 s: the next call opens a new
+    one instead of failing (no retries allowed here)."""
+    x = torch.randn(300, 300)
+    with LossClient(live_server, max_retries=0) as client:
+        first = client.loss("mse_loss", input=x, target=x.flip(0))
+        time.sleep(5.5)
+        second = client.loss("mse_loss", input=x, target=x.flip(0))
+    assert went_binary(first) and went_binary(second)
+    assert_same(second.value, F.mse_loss(x, x.flip(0)))
+
+
+def test_async_client_through_a_given_httpx_transport(live_server: str) -> None:
+    x, t = logits(1024, 300, seed=6)
+
+    async def call() -> LossResult:
+        transport = httpx.AsyncHTTPTransport()
+        async with AsyncLossClient(live_server, transport=transport) as client:
+            return await client.loss("cross_entropy", input=x, target=t, grad=True)
+
+    result = asyncio.run(call())
+    value, grads = expected("cross_entropy", {"input": x, "target": t}, ["input"])
+    assert went_binary(result)
+    assert_same(result.value, value)
+    assert_same(result.grad["input"], grads["input"])
