@@ -186,6 +186,13 @@ def transport_rows(
             tensor = receive_buffer(list(x.shape), torch.float32)
             r.read_into(tensor.view(-1).view(torch.uint8).numpy().data)
 
+    reused = torch.empty(x.shape, dtype=torch.float32)
+    reused.fill_(0)
+
+    def download_reused() -> None:
+        with pool.request("POST", "/", [], 0, down) as r:
+            r.read_into(reused.view(-1).view(torch.uint8).numpy().data)
+
     def touch() -> None:
         receive_buffer(list(x.shape), torch.float32).view(-1).view(torch.uint8).fill_(1)
 
@@ -197,6 +204,7 @@ def transport_rows(
                 "curl up": lambda: curl(bare.base + "/", path, request.headers()),
                 "client down": timed(download),
                 "curl down": lambda: curl(bare.base + "/", None, down),
+                "client down reused": timed(download_reused),
             },
             repeats,
         )
@@ -213,7 +221,10 @@ def transport_rows(
             "(client: into a new tensor; curl: to /dev/null)",
             times["client down"],
             times["curl down"],
-            {"writing as many bytes into a new tensor, no socket (the floor)": times["touch"]},
+            {
+                "client into one reused tensor (the transport alone)": times["client down reused"],
+                "writing as many bytes into a new tensor, no socket": times["touch"],
+            },
         )
     )
     print(f"   {label} transport: {times}", flush=True)
