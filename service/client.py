@@ -460,7 +460,8 @@ def binary_request(
     and /v2 says all the call says; else None (it goes as /v1 JSON).
 
     /v1 stays for: plain lists or numbers as tensor arguments (/v1 gives them
-    their role's dtype), ``dtype`` and ``encoding`` (v1 fields), and
+    their role's dtype), ``dtype`` and ``encoding`` (v1 fields), fields the
+    loss does not have (so that the error is /v1's 422 naming them), and
     ``reduction="none"`` (/v2 returns a 0-dim loss with shape [1], so the
     client could not tell torch's shape [] from [1]); for a big-endian host;
     and for a loss this client's table does not know (the server explains)."""
@@ -474,6 +475,8 @@ def binary_request(
         return None
     tensor_names = {*spec.tensor_names, "grad_output"}
     numbers = {a.name for a in spec.args if a.role == "float_or_number"}
+    # anything else (a misspelt option, size_average) goes as /v1 for its 422
+    known = {*spec.option_names, "grad", "device", *numbers}
     inputs: list[dict[str, Any]] = []
     data: list[memoryview] = []
     parameters: dict[str, Any] = {}
@@ -492,7 +495,9 @@ def binary_request(
             if not all(isinstance(n, str) for n in value):
                 return None
             parameters[key] = list(value)
-        elif value is None or isinstance(value, bool | int | float | str | np.generic):
+        elif key in known and (
+            value is None or isinstance(value, bool | int | float | str | np.generic)
+        ):
             parameters[key] = _plain(value)
         else:
             return None

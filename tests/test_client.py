@@ -472,12 +472,12 @@ def test_a_refused_connection_is_named_at_once() -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     x = torch.randn(200, 100)  # 80 kB: the binary path, over the client's own connections
     started = time.monotonic()
-    with LossClient(url, max_retries=3, backoff=1.0, transport=recorder) as client:
-        with pytest.raises(ServiceUnreachableError) as caught:
-            client.losses()
-    with LossClient(url, max_retries=3, backoff=1.0) as client:
-        with pytest.raises(ServiceUnreachableError) as binary:
-            client.loss("mse_loss", input=x, target=x)
+    client = LossClient(url, max_retries=3, backoff=1.0, transport=recorder)
+    with client, pytest.raises(ServiceUnreachableError) as caught:
+        client.losses()
+    client = LossClient(url, max_retries=3, backoff=1.0)
+    with client, pytest.raises(ServiceUnreachableError) as binary:
+        client.loss("mse_loss", input=x, target=x)
     assert time.monotonic() - started < 1.0  # no backoff: nothing listens
     assert len(recorder.requests) == 1
     for error in (caught.value, binary.value):

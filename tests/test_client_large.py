@@ -373,3 +373,12 @@ def test_async_client_through_a_given_httpx_transport(live_server: str) -> None:
     assert went_binary(result)
     assert_same(result.value, value)
     assert_same(result.grad["input"], grads["input"])
+
+
+def test_a_misspelt_option_is_the_same_422_as_on_v1(live_server: str) -> None:
+    x, t = logits(500, 200)
+    with LossClient(live_server) as client:
+        for tensors in ((x, t), (x[:2], t[:2])):  # binary-sized, then small
+            with pytest.raises(InvalidPayloadError) as caught:
+                client.loss("cross_entropy", input=tensors[0], target=tensors[1], smoothing=0.1)
+            assert caught.value.errors and caught.value.errors[0]["loc"] == ["body", "smoothing"]
