@@ -15,7 +15,6 @@ exception types, so a caller sees the same errors from either path.
 from __future__ import annotations
 
 import http.client
-import select
 import socket
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -55,8 +54,13 @@ class Reply:
     read by the caller (``read_into`` / ``read_all``), then ``close`` gives the
     connection back to its pool."""
 
-    def __init__(self, pool: ConnectionPool, conn: http.client.HTTPConnection,
-                 response: http.client.HTTPResponse, timeout: httpx.Timeout) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        conn: http.client.HTTPConnection,
+        response: http.client.HTTPResponse,
+        timeout: httpx.Timeout,
+    ) -> None:
         self._pool, self._conn, self._response = pool, conn, response
         self._timeout = timeout
         self.status = response.status
@@ -131,14 +135,21 @@ class Reply:
 
 
 def idle_and_open(conn: http.client.HTTPConnection) -> bool:
-    """Whether a kept connection can take a request: an idle connection that
-    has something to read was closed by the server (its keep-alive timeout),
-    and sending a large body into it would only fail."""
+    """Whether a kept connection can take a request: an idle connection with
+    something to read (the end of the stream, most often) was closed by the
+    server at its keep-alive timeout, and sending a large body into it would
+    only fail. A peek, not select(), which refuses descriptors past 1023."""
     sock = conn.sock
     if sock is None:
         return False
-    readable, _, _ = select.select([sock], [], [], 0)
-    return not readable
+    sock.setblocking(False)  # request() sets the timeouts again
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True  # nothing to read: still open
+    except OSError:
+        return False
+    return False
 
 
 class ConnectionPool:
