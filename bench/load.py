@@ -1,5 +1,6 @@
 """Servers pinned to one core, and the load on the other: wrk for throughput and
-c1 latency, sequential httpx requests for the large bodies, /proc for peak RSS."""
+c1 latency, sequential requests for the large bodies (service.transfer, not httpx),
+/proc for peak RSS."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit
 
 import httpx
 
 from bench.payloads import Body
+from service import transfer
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -230,6 +233,50 @@ def post(client: httpx.Client, url: str, body: Body, what: str) -> httpx.Respons
     if response.status_code != 200:
         raise BenchError(f"{what}: HTTP {response.status_code}: {response.text[:500]}")
     return response
+
+
+class LargePoster:
+    """Large requests through service.transfer, the Python client's own
+    connection code: the body goes from memory in 1 MiB pieces and the
+    response is read in large pieces (httpx would cost 3-10x curl on large
+    bodies and measure itself, not the server). A timed request reads the
+    response into one reused buffer, as curl to /dev/null discards it."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = httpx.Timeout(timeout)
+        self.pools: dict[str, transfer.ConnectionPool] = {}
+        self.scratch = bytearray()
+
+    def post(self, url: str, body: Body, what: str, keep: bool = False) -> httpx.Response:
+        """One request; ``keep``: the response's body too (else it is read and dropped)."""
+        parts = urlsplit(url)
+        base = f"{parts.scheme}://{parts.netloc}"
+        pool = self.pools.get(base)
+        if pool is None:
+            pool = self.pools[base] = transfer.ConnectionPool(base, self.timeout)
+        content = memoryview(body.content)
+        with pool.request("POST", parts.path, [content], len(content), body.headers) as reply:
+            if reply.status != 200 or keep or reply.remaining is None:
+                response = httpx.Response(reply.status, headers=reply.headers,
+                                          content=reply.read_all())  # fmt: skip
+            else:
+                if len(self.scratch) < reply.remaining:
+                    self.scratch = bytearray(reply.remaining)
+                reply.read_into(memoryview(self.scratch)[: reply.remaining])
+                response = httpx.Response(reply.status, headers=reply.headers)
+        if response.status_code != 200:
+            raise BenchError(f"{what}: HTTP {response.status_code}: {response.text[:500]}")
+        return response
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+    def __enter__(self) -> LargePoster:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def median_seconds(

@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 import orjson
 
-from bench import load
+from bench import client_rows, load
 from bench.load import (
     BenchError,
     Server,
@@ -77,6 +77,7 @@ class Results:
     sizes: dict[str, float] = field(default_factory=dict)
     load_before: str = ""
     load_after: str = ""
+    client: client_rows.ClientResults | None = None  # issue 14's rows
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Options:
     naive_repeats: int
     rounds: int
     write: bool
+    client_only: bool = False
 
 
 # --------------------------------------------------------------------------- checks
@@ -225,15 +227,15 @@ def large_time(res: Results, column: str, targets: list[Target], repeats: int) -
     """Median end-to-end seconds per target, after one checked warm-up each; the
     timed requests take the targets in turn (bare, service, bare, ...)."""
     times: dict[str, list[float]] = {t.row: [] for t in targets}
-    with load.client(600) as client:
+    with load.LargePoster(600) as client:  # not httpx: it would be the bottleneck
         for t in targets:
-            response = load.post(client, t.url, t.body, t.what)
+            response = client.post(t.url, t.body, t.what, keep=True)
             if t.check is not None:
                 t.check(response)
         for _ in range(repeats):
             for t in targets:
                 start = time.perf_counter()
-                load.post(client, t.url, t.body, t.what)
+                client.post(t.url, t.body, t.what)
                 times[t.row].append(time.perf_counter() - start)
     for t in targets:
         t.server.check_alive()
@@ -370,6 +372,8 @@ def measure(opts: Options, work: Path, started: list[Server]) -> Results:
             res.large[(row, grad_col)] = extra.large[("grad", "pair")]
             res.large[(BARE, grad_col)] = extra.large[("bare", "pair")]
             res.grad_pairs[(row, plain_col)] = extra.large[("plain", "pair")]
+    print("== the Python client against curl (bench/client_rows.py)", flush=True)
+    res.client = client_rows.measure(work, started, opts.repeats)
     res.load_after = loadavg()
     return res
 
@@ -571,7 +575,8 @@ def report(res: Results, opts: Options, started_at: datetime) -> str:
         f"for {opts.duration:g} s (req/s), wrk -t1 -c1 for {opts.c1_duration:g} s (p50), "
         f"each in {opts.rounds} rounds. "
         f"Large = input [4096,1000] f32 + target [4096] ({sizes}): median end-to-end "
-        f"seconds of {opts.repeats} sequential httpx requests per server after one warm-up "
+        f"seconds of {opts.repeats} sequential requests per server after one warm-up "
+        "(sent with service.transfer, the client's connection code, not httpx) "
         f"({opts.naive_repeats} for the naive app); grad=true is timed in turn with the same "
         "request without it, and its ratio uses that twin. "
         "v2 asks for binary output. Peak RSS = "
@@ -592,6 +597,7 @@ def report(res: Results, opts: Options, started_at: datetime) -> str:
         "",
         *ratio_table(speedups(res), targets=False),
         "",
+        *([*client_rows.report_lines(res.client, opts.repeats), ""] if res.client else []),
         "Timings on a shared machine are noisy: compare ratios within one run, not "
         "absolute figures across runs.",
         "",
@@ -626,6 +632,11 @@ def parse_args(argv: list[str] | None) -> Options:
         "--no-write", action="store_true", help="print only; leave bench/results/ alone"
     )
     parser.add_argument(
+        "--client-only",
+        action="store_true",
+        help="only the Python client's rows against curl (bench/client_rows.py)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: --duration 2 --c1-duration 1 --repeats 1 --naive-repeats 1 --rounds 1",
@@ -642,11 +653,16 @@ def parse_args(argv: list[str] | None) -> Options:
         args.naive_repeats,
         args.rounds,
         not args.no_write,
+        args.client_only,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    if opts.client_only:
+        return client_rows.main(
+            ["--repeats", str(opts.repeats)] + ([] if opts.write else ["--no-write"])
+        )
     exit_on_signals()
     started_at = datetime.now(UTC)
     begin = time.monotonic()

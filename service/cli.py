@@ -166,10 +166,17 @@ def _remote(command: Callable[[], int]) -> int:
     """Run a command that may talk to a server; its failures become exit codes."""
     import httpx
 
-    from service.client import LossServiceError
+    from service.client import LossServiceError, ServiceUnreachableError
 
     try:
         return command()
+    except ServiceUnreachableError as exc:  # before LossServiceError: it is one
+        try:
+            where = str(exc.request.url)
+        except RuntimeError:  # refused before httpx made a request
+            where = exc.url
+        print(f"loss-service: cannot reach {where}: {exc.reason}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except LossServiceError as exc:
         print(f"loss-service: {exc}", file=sys.stderr)
         for error in exc.errors[1:]:  # the first one is the detail

@@ -27,6 +27,7 @@ from service.client import (
     LossServiceError,
     NotFoundError,
     ServiceUnavailableError,
+    ServiceUnreachableError,
     UnknownLossError,
 )
 from service.losses import LOSSES
@@ -466,15 +467,32 @@ def test_timeout_raises_httpx_timeout_and_is_not_retried(stand_in: tuple[StandIn
     assert len(app.attempts) == 1
 
 
-def test_connection_errors_are_retried_then_raised() -> None:
+def test_a_refused_connection_is_named_at_once() -> None:
     recorder = Recorder()
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    client = LossClient(url, max_retries=2, backoff=0.01, transport=recorder)
-    with client, pytest.raises(httpx.ConnectError):
+    x = torch.randn(200, 100)  # 80 kB: the binary path, over the client's own connections
+    started = time.monotonic()
+    client = LossClient(url, max_retries=3, backoff=1.0, transport=recorder)
+    with client, pytest.raises(ServiceUnreachableError) as caught:
         client.losses()
-    assert len(recorder.requests) == 3
-    once = Recorder()
-    client = LossClient(url, max_retries=2, retry_connect_errors=False, transport=once)
-    with client, pytest.raises(httpx.ConnectError):
-        client.losses()
-    assert len(once.requests) == 1
+    client = LossClient(url, max_retries=3, backoff=1.0)
+    with client, pytest.raises(ServiceUnreachableError) as binary:
+        client.loss("mse_loss", input=x, target=x)
+    assert time.monotonic() - started < 1.0  # no backoff: nothing listens
+    assert len(recorder.requests) == 1
+    for error in (caught.value, binary.value):
+        assert isinstance(error, LossServiceError) and isinstance(error, httpx.ConnectError)
+        assert url in str(error) and error.url == url and "refused" in str(error).lower()
+
+
+def test_async_refused_connection_is_named_too() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+
+    async def call(binary: bool) -> None:
+        async with AsyncLossClient(url, backoff=1.0) as client:
+            x = torch.randn(200, 100) if binary else torch.randn(2, 2)
+            await client.loss("mse_loss", input=x, target=x)
+
+    for binary in (False, True):
+        with pytest.raises(ServiceUnreachableError, match=url):
+            asyncio.run(call(binary))

@@ -128,6 +128,9 @@ class InferenceResponse(BaseModel):
     model_name: str
     model_version: str
     id: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description='{"device": "cpu"}: where the loss was computed'
+    )
     outputs: list[ResponseOutput]
 
 

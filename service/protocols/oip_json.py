@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import torch
 
-from service.compute import Evaluation
+from service.compute import Evaluation, device_name
 from service.errors import BadRequest, invalid, quote
 from service.losses import LossSpec
 from service.protocols.oip import (
@@ -320,6 +320,8 @@ def encode_response(
     response: dict[str, Any] = {"model_name": request.spec.name, "model_version": MODEL_VERSION}
     if request.id is not None:
         response["id"] = request.id
+    # where it ran, as /v1's "device" says (service.client reports it)
+    response["parameters"] = {"device": device_name(evaluation.value.device)}
     response["outputs"] = outputs
     header = orjson.dumps(response)
     if not chunks:
