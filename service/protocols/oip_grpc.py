@@ -33,6 +33,12 @@ CONTENTS: dict[str, tuple[str, type[np.generic]]] = {
     "INT32": ("int_contents", np.int32),
     "INT64": ("int64_contents", np.int64),
     "UINT8": ("uint_contents", np.uint8),
+    # widened to INT64 (``oip.WIDENED``): read at the field's own width
+    "INT8": ("int_contents", np.int32),
+    "INT16": ("int_contents", np.int32),
+    "UINT16": ("uint_contents", np.uint32),
+    "UINT32": ("uint_contents", np.uint32),
+    "UINT64": ("uint64_contents", np.uint64),
     "FP32": ("fp32_contents", np.float32),
     "FP64": ("fp64_contents", np.float64),
 }
@@ -68,6 +74,7 @@ def parse_infer(
         )
     for index, item in enumerate(message.inputs):
         name = oip.input_name(spec, item.name)
+        oip.check_datatype(spec, name, item.datatype)
         tensor = _decode_input(name, item, raw[index] if raw else None, budget)
         oip.add_input(request, name, tensor)
     if message.outputs:
@@ -101,23 +108,20 @@ def _decode_input(
             f"dimensions, got {quote(shape)}"
         )
     extent = check_dims(shape, (name, "shape"))  # 422: a shape torch cannot hold
-    datatype = item.datatype
-    if datatype not in DATATYPES:
-        raise BadRequest(
-            f"input {quote(name)}: datatype must be one of {', '.join(DATATYPES)}, "
-            f"got {quote(datatype)}"
-        )
-    dtype = DATATYPES[datatype]
+    datatype = item.datatype  # checked by oip.check_datatype
     numel = math.prod(shape)
     budget.take(name, numel, extent)
     if raw is not None:
-        wire_dtype = torch.uint8 if dtype == torch.bool else dtype
-        itemsize = torch.empty((), dtype=wire_dtype).element_size()
+        itemsize = oip.itemsize(datatype)
         if len(raw) != numel * itemsize:
             raise BadRequest(
                 f"input {quote(name)}: raw_input_contents holds {len(raw)} bytes but shape "
                 f"{shape} of {datatype} takes {numel * itemsize}"
             )
+        if datatype in oip.WIDENED:
+            return oip.widen_bytes(name, datatype, raw).reshape(shape)
+        dtype = DATATYPES[datatype]
+        wire_dtype = torch.uint8 if dtype == torch.bool else dtype
         return bytes_to_tensor(raw, wire_dtype, shape, as_bool=dtype == torch.bool)
     if datatype not in CONTENTS:
         raise BadRequest(
@@ -131,6 +135,8 @@ def _decode_input(
             f"input {quote(name)}: shape {shape} takes {numel} elements, "
             f"contents.{field} holds {len(values)}"
         )
+    if datatype in oip.WIDENED:  # checked against the datatype's range there
+        return oip.widen(name, datatype, np.array(values, dtype=np_dtype)).reshape(shape)
     # uint_contents holds uint32 values: one past UINT8's range is refused, never wrapped
     if datatype == "UINT8" and numel and max(values) > 255:
         raise BadRequest(f"input {quote(name)}: contents.{field} holds {max(values)}, past UINT8")
