@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 import orjson
 
-from bench import load
+from bench import grpc_rows, load
 from bench.load import (
     BenchError,
     Server,
@@ -77,6 +77,7 @@ class Results:
     sizes: dict[str, float] = field(default_factory=dict)
     load_before: str = ""
     load_after: str = ""
+    grpc_ms: dict[str, float] = field(default_factory=dict)  # bench.grpc_rows
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Options:
     naive_repeats: int
     rounds: int
     write: bool
+    grpc_rounds: int = grpc_rows.ROUNDS
 
 
 # --------------------------------------------------------------------------- checks
@@ -320,6 +322,7 @@ def measure(opts: Options, work: Path, started: list[Server]) -> Results:
         running(bare, started) as b,
         running(floor, started) as f,
         running(load.service(logs), started) as s,
+        running(grpc_rows.bare_server(logs), started) as g,
     ):
         peak_rss(res, V1, s, p, v1_check(large_ref))  # first: the service is fresh
         small_load(
@@ -370,6 +373,7 @@ def measure(opts: Options, work: Path, started: list[Server]) -> Results:
             res.large[(row, grad_col)] = extra.large[("grad", "pair")]
             res.large[(BARE, grad_col)] = extra.large[("bare", "pair")]
             res.grad_pairs[(row, plain_col)] = extra.large[("plain", "pair")]
+        res.grpc_ms = grpc_rows.measure(s, g, opts.grpc_rounds)
     res.load_after = loadavg()
     return res
 
@@ -592,6 +596,16 @@ def report(res: Results, opts: Options, started_at: datetime) -> str:
         "",
         *ratio_table(speedups(res), targets=False),
         "",
+        "## gRPC and the JSON routes at c1 (issue 15)",
+        "",
+        f"The service's gRPC port against a bare grpc.aio servicer returning a constant "
+        f"(its own process, also on core {load.SERVER_CORE}), and the same small request "
+        "over /v1 and /v2 JSON; unmodified tritonclient.grpc (httpx for JSON), one call at a "
+        f"time: median of {opts.grpc_rounds} rounds of {grpc_rows.SMALL_CALLS} small calls "
+        f"({grpc_rows.LARGE_CALLS} large) per side, the sides in turn.",
+        "",
+        *grpc_rows.report(res.grpc_ms),
+        "",
         "Timings on a shared machine are noisy: compare ratios within one run, not "
         "absolute figures across runs.",
         "",
@@ -634,6 +648,7 @@ def parse_args(argv: list[str] | None) -> Options:
     if args.quick:
         args.duration, args.c1_duration, args.repeats, args.naive_repeats = 2, 1, 1, 1
         args.rounds = 1
+    grpc_rounds = 1 if args.quick else grpc_rows.ROUNDS
     return Options(
         args.duration,
         args.c1_duration,
@@ -642,6 +657,7 @@ def parse_args(argv: list[str] | None) -> Options:
         args.naive_repeats,
         args.rounds,
         not args.no_write,
+        grpc_rounds,
     )
 
 
