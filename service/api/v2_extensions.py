@@ -19,12 +19,21 @@ from starlette.responses import Response
 
 from service.api.runtime import read_body, runtime
 from service.api.v1 import json_response
+from service.api.v2 import ERROR_RESPONSES
 from service.errors import BadRequest, quote
 from service.protocols import oip_extensions
 from service.protocols.oip import model
 
 # The bodies these POST routes take are a few bytes of JSON.
 MAX_BODY_BYTES = 64 * 1024
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: ERROR_RESPONSES[404]}
+BAD: dict[int | str, dict[str, Any]] = {400: ERROR_RESPONSES[400], 413: ERROR_RESPONSES[413]}
+NO_OP: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Done (a no-op: every loss is built in and loaded)", "content": {}},
+    **BAD,
+    **NOT_FOUND,
+}
 
 
 class Duration(BaseModel):
@@ -105,7 +114,7 @@ def build_router() -> APIRouter:
         """Inference statistics of every model (statistics extension)."""
         return await statistics(request, None)
 
-    @router.get("/models/{name}/stats", response_model=StatisticsResponse)
+    @router.get("/models/{name}/stats", response_model=StatisticsResponse, responses=NOT_FOUND)
     async def model_statistics(request: Request, name: str) -> Response:
         """Inference statistics of one model: counts and nanoseconds, by stage."""
         return await statistics(request, name)
@@ -114,7 +123,7 @@ def build_router() -> APIRouter:
     async def model_statistics_version(request: Request, name: str, version: str) -> Response:
         return await statistics(request, name, version)
 
-    @router.post("/repository/index", response_model=list[ModelIndex])
+    @router.post("/repository/index", response_model=list[ModelIndex], responses=BAD)
     async def repository_index(request: Request) -> Response:
         """Every model in the repository: every loss, each READY."""
         ready = (await json_body(request, "ready", "repository_name")).get("ready", False)
@@ -122,21 +131,21 @@ def build_router() -> APIRouter:
             raise BadRequest(f"ready must be a boolean, got {quote(ready)}")
         return json_response(oip_extensions.repository_index(ready))
 
-    @router.post("/repository/models/{name}/load")
+    @router.post("/repository/models/{name}/load", responses=NO_OP)
     async def repository_model_load(request: Request, name: str) -> Response:
         """Load a model: every loss is built in and loaded, so this only checks the name."""
         model(name)
         oip_extensions.check_load_parameters(parameters_of(await json_body(request, "parameters")))
         return Response(status_code=200)
 
-    @router.post("/repository/models/{name}/unload")
+    @router.post("/repository/models/{name}/unload", responses=NO_OP)
     async def repository_model_unload(request: Request, name: str) -> Response:
         """Unload a model: a no-op (built-in losses stay loaded and ready)."""
         model(name)
         parameters_of(await json_body(request, "parameters"))
         return Response(status_code=200)
 
-    @router.get("/models/{name}/config")
+    @router.get("/models/{name}/config", responses=NOT_FOUND)
     def model_config(name: str) -> Response:
         """The model's configuration, Triton's form (model configuration extension)."""
         return json_response(oip_extensions.model_config(model(name)))
