@@ -52,6 +52,8 @@ class Server:
     log: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
+    # readiness for a server with no HTTP route (a gRPC one); else GET ready_path
+    ready: Callable[[], bool] | None = None
 
     @property
     def base(self) -> str:
@@ -80,12 +82,16 @@ class Server:
                     f"{self.name} exited with status {self.process.returncode} on start:\n"
                     + self.log_tail()
                 )
-            try:
-                with client(2) as c:
-                    if c.get(self.base + self.ready_path).status_code == 200:
-                        return
-            except httpx.TransportError:
-                pass
+            if self.ready is not None:
+                if self.ready():
+                    return
+            else:
+                try:
+                    with client(2) as c:
+                        if c.get(self.base + self.ready_path).status_code == 200:
+                            return
+                except httpx.TransportError:
+                    pass
             time.sleep(0.2)
         raise BenchError(f"{self.name} not ready after {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
 
@@ -141,6 +147,8 @@ def service(log_dir: Path) -> Server:
         "LOSS_SERVICE_HOST": "127.0.0.1",
         "LOSS_SERVICE_PORT": str(port),
         "LOSS_SERVICE_DEVICE": "cpu",
+        # a free port, not Triton's 8001: another run may hold that one
+        "LOSS_SERVICE_GRPC_PORT": str(free_port()),
     }
     command = [str(VENV_BIN / "loss-service"), "serve"]
     return Server("service", command, env, "/readyz", log_dir / "service.log", port)

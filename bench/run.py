@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 import orjson
 
-from bench import client_rows, load
+from bench import client_rows, grpc_rows, load
 from bench.load import (
     BenchError,
     Server,
@@ -78,6 +78,7 @@ class Results:
     load_before: str = ""
     load_after: str = ""
     client: client_rows.ClientResults | None = None  # issue 14's rows
+    grpc_ms: dict[str, float] = field(default_factory=dict)  # bench.grpc_rows
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Options:
     rounds: int
     write: bool
     client_only: bool = False
+    grpc_rounds: int = grpc_rows.ROUNDS
 
 
 # --------------------------------------------------------------------------- checks
@@ -322,6 +324,7 @@ def measure(opts: Options, work: Path, started: list[Server]) -> Results:
         running(bare, started) as b,
         running(floor, started) as f,
         running(load.service(logs), started) as s,
+        running(grpc_rows.bare_server(logs), started) as g,
     ):
         peak_rss(res, V1, s, p, v1_check(large_ref))  # first: the service is fresh
         small_load(
@@ -372,6 +375,7 @@ def measure(opts: Options, work: Path, started: list[Server]) -> Results:
             res.large[(row, grad_col)] = extra.large[("grad", "pair")]
             res.large[(BARE, grad_col)] = extra.large[("bare", "pair")]
             res.grad_pairs[(row, plain_col)] = extra.large[("plain", "pair")]
+        res.grpc_ms = grpc_rows.measure(s, g, opts.grpc_rounds)
     print("== the Python client against curl (bench/client_rows.py)", flush=True)
     res.client = client_rows.measure(work, started, opts.repeats)
     res.load_after = loadavg()
@@ -598,6 +602,16 @@ def report(res: Results, opts: Options, started_at: datetime) -> str:
         *ratio_table(speedups(res), targets=False),
         "",
         *([*client_rows.report_lines(res.client, opts.repeats), ""] if res.client else []),
+        "## gRPC and the JSON routes at c1 (issue 15)",
+        "",
+        f"The service's gRPC port against a bare grpc.aio servicer returning a constant "
+        f"(its own process, also on core {load.SERVER_CORE}), and the same small request "
+        "over /v1 and /v2 JSON; unmodified tritonclient.grpc (httpx for JSON), one call at a "
+        f"time: median of {opts.grpc_rounds} rounds of {grpc_rows.SMALL_CALLS} small calls "
+        f"({grpc_rows.LARGE_CALLS} large) per side, the sides in turn.",
+        "",
+        *grpc_rows.report(res.grpc_ms),
+        "",
         "Timings on a shared machine are noisy: compare ratios within one run, not "
         "absolute figures across runs.",
         "",
@@ -645,6 +659,7 @@ def parse_args(argv: list[str] | None) -> Options:
     if args.quick:
         args.duration, args.c1_duration, args.repeats, args.naive_repeats = 2, 1, 1, 1
         args.rounds = 1
+    grpc_rounds = 1 if args.quick else grpc_rows.ROUNDS
     return Options(
         args.duration,
         args.c1_duration,
@@ -654,6 +669,7 @@ def parse_args(argv: list[str] | None) -> Options:
         args.rounds,
         not args.no_write,
         args.client_only,
+        grpc_rounds,
     )
 
 

@@ -59,6 +59,9 @@ class Timings:
             "tensor_bytes_in": self.tensor_bytes_in,
             "tensor_bytes_out": self.tensor_bytes_out,
             "device": self.device,
+            "decode": self.decode,
+            "compute": self.compute,
+            "encode": self.encode,
         }
 
     def header(self) -> bytes:

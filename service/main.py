@@ -17,7 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
 from service import __version__
-from service.api import ops, problems, shared_memory, v1, v2
+from service.api import ops, problems, shared_memory, v1, v2, v2_extensions
 from service.api.grpc_server import start_grpc
 from service.api.hotpaths import HotPathDispatch
 from service.api.middleware import APIKeyMiddleware, ObservabilityMiddleware
@@ -113,6 +113,7 @@ def create_app(settings: Settings | None = None, *, fast_dispatch: bool = True) 
     app.state.devices = []
     problems.install(app)
     app.include_router(v1.build_router())
+    app.include_router(v2_extensions.build_router())  # before v2's /models/{name}
     app.include_router(v2.build_router())
     app.include_router(shared_memory.build_router())
     app.include_router(ops.build_router())

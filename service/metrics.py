@@ -59,6 +59,7 @@ class Metrics:
         r = self.registry
         self.requests = RequestStats()
         r.register(self.requests)
+        self.models = ModelStats()
         self.queued = Gauge(
             "loss_service_queued_computations", "Computations waiting for a slot", registry=r
         )
@@ -172,3 +173,53 @@ class RequestStats(Collector):
         family.add_metric(["in"], in_, created=self.created)
         family.add_metric(["out"], out, created=self.created)
         return family
+
+
+class ModelCounters:
+    """One loss's inference counters, in the units of Triton's statistics
+    extension (counts and nanoseconds; the last inference in ms since the epoch)."""
+
+    __slots__ = (
+        "fail_count",
+        "fail_ns",
+        "infer_ns",
+        "input_ns",
+        "last_inference",
+        "output_ns",
+        "success_count",
+        "success_ns",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.success_count = self.success_ns = self.fail_count = self.fail_ns = 0
+        self.input_ns = self.infer_ns = self.output_ns = 0
+        self.last_inference = 0
+
+
+class ModelStats:
+    """Inference statistics by model (loss), whatever the front door (v1,
+    OIP REST, OIP gRPC): one evaluation request is one inference and one
+    execution (no batching across requests). Updated on the event loop,
+    where the statistics routes read them."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, ModelCounters] = {}
+
+    def record(
+        self, loss: str, status: int, seconds: float, timings: dict[str, object], now: float
+    ) -> None:
+        counters = self.models.get(loss)
+        if counters is None:
+            counters = self.models[loss] = ModelCounters()
+        ns = int(seconds * 1e9)
+        if status != 200:
+            counters.fail_count += 1
+            counters.fail_ns += ns
+            return
+        counters.success_count += 1
+        counters.success_ns += ns
+        counters.last_inference = int(now * 1000)
+        for key, slot in (("decode", "input_ns"), ("compute", "infer_ns"), ("encode", "output_ns")):
+            value = timings.get(key)
+            if isinstance(value, float):
+                setattr(counters, slot, getattr(counters, slot) + int(value * 1e9))

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.api.v2 import DATATYPE_NAMES
+from service.protocols.oip import DATATYPE_NAMES
 from tests.cases import assert_same, decode, encode
 
 FUZZ = settings(

@@ -198,7 +198,7 @@ def test_health_and_metadata(triton: grpcclient.InferenceServerClient) -> None:
     assert metadata.name == "loss-service" and "parameters" in metadata.extensions
     model = triton.get_model_metadata("cross_entropy")
     assert model.name == "cross_entropy" and model.versions == ["1"]
-    assert [i.name for i in model.inputs] == ["input", "target", "weight"]
+    assert [i.name for i in model.inputs] == ["input", "target", "weight", "grad_output"]
     assert "grad_input" in [o.name for o in model.outputs]
 
 

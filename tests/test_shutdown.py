@@ -61,6 +61,11 @@ def test_sigterm_drains_finishes_computations_and_cuts_uploads() -> None:
         time.sleep(0.3)
         ready = httpx.get(f"{url}/readyz")
         assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        # the OIP readiness of the server and of each model turns with it
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 503
+        model_ready = httpx.get(f"{url}/v2/models/cross_entropy/ready")
+        assert model_ready.status_code == 503
+        assert model_ready.json() == {"name": "cross_entropy", "ready": False}
         assert httpx.get(f"{url}/healthz").status_code == 200
         finished_in_drain.sendall(BODY[10:])  # completes within the drain period
         assert answer(finished_in_drain).startswith(b"HTTP/1.1 200")

@@ -92,10 +92,10 @@ def test_model_metadata_for_every_loss(triton: httpclient.InferenceServerClient,
     spec = LOSSES[name]
     metadata = triton.get_model_metadata(spec.alias)
     assert metadata["name"] == spec.name
-    assert [i["name"] for i in metadata["inputs"]] == spec.tensor_names
+    assert [i["name"] for i in metadata["inputs"]] == [*spec.tensor_names, "grad_output"]
     for tensor in metadata["inputs"] + metadata["outputs"]:
         assert tensor["datatype"] in ("FP32", "INT64")
-        assert all(d == -1 for d in tensor["shape"])
+        assert tensor["shape"] == [-1]  # any shape: the rank is torch's to check
     outputs = [o["name"] for o in metadata["outputs"]]
     assert outputs[0] == "loss"
     assert outputs[1:] == [f"grad_{n}" for n in spec.maybe_differentiable]
@@ -105,8 +105,9 @@ def test_model_metadata_datatypes(triton: httpclient.InferenceServerClient) -> N
     metadata = triton.get_model_metadata("cross_entropy")
     inputs = {i["name"]: i for i in metadata["inputs"]}
     assert inputs["input"]["datatype"] == "FP32"
-    assert inputs["input"]["shape"] == [-1, -1]
+    assert inputs["input"]["parameters"]["datatypes"] == ["FP16", "BF16", "FP32", "FP64"]
     assert inputs["target"]["datatype"] == "INT64"
+    assert "INT8" in inputs["target"]["parameters"]["datatypes"]
     assert inputs["weight"]["parameters"]["required"] is False
 
 

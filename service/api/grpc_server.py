@@ -22,8 +22,10 @@ from typing import Any, TypeVar
 
 import grpc
 from fastapi import FastAPI
+from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -34,13 +36,13 @@ from service.compute import Prepared, Timings, prepare
 from service.config import Settings
 from service.errors import ServiceError, Unauthorized
 from service.losses import LossSpec
-from service.protocols import oip, oip_grpc
+from service.protocols import oip, oip_extensions, oip_grpc
 from service.tensors import ElementBudget
 
 log = logging.getLogger("service.errors")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-EXTENSIONS = ["parameters"]
+EXTENSIONS = ["parameters", *oip_extensions.EXTENSIONS]
 
 
 def extensions(runtime: Runtime) -> list[str]:
@@ -155,6 +157,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         stats = self.runtime.metrics.requests
         stats.record(route, loss, status, duration)
         extra = scope["state"].get("loss_stats") or {}
+        if method == "ModelInfer" and loss:
+            self.runtime.metrics.models.record(loss, status, duration, extra, time.time())
         stats.body_in += scope.get("bytes_in", 0)
         stats.body_out += scope.get("bytes_out", 0)
         if "tensor_bytes_in" in extra:
@@ -206,6 +210,48 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     ) -> pb.ModelMetadataResponse:
         spec = _model(request.name, request.version, scope)
         return oip_grpc.model_metadata(oip.model_metadata(spec))
+
+    # ------------------------------------------------------------- extensions
+    # statistics, model repository and configuration: the dicts the REST
+    # routes send (oip_extensions), parsed into Triton's messages
+
+    @rpc
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any, scope: dict[str, Any]
+    ) -> pb.ModelStatisticsResponse:
+        spec = _model(request.name, request.version, scope) if request.name else None
+        self.runtime.flush()  # the HTTP requests finished so far, not yet recorded
+        statistics = oip_extensions.statistics(self.runtime.metrics.models, spec)
+        return json_format.ParseDict(statistics, pb.ModelStatisticsResponse())
+
+    @rpc
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any, scope: dict[str, Any]
+    ) -> pb.RepositoryIndexResponse:
+        models = oip_extensions.repository_index(request.ready)
+        return json_format.ParseDict({"models": models}, pb.RepositoryIndexResponse())
+
+    @rpc
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any, scope: dict[str, Any]
+    ) -> pb.RepositoryModelLoadResponse:
+        _model(request.model_name, "", scope)
+        oip_extensions.check_load_parameters(dict(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any, scope: dict[str, Any]
+    ) -> pb.RepositoryModelUnloadResponse:
+        _model(request.model_name, "", scope)
+        return pb.RepositoryModelUnloadResponse()
+
+    @rpc
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Any, scope: dict[str, Any]
+    ) -> pb.ModelConfigResponse:
+        config = oip_extensions.model_config(_model(request.name, request.version, scope))
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, mc.ModelConfig()))
 
     # ------------------------------------------------------------- inference
 

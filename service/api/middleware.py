@@ -13,6 +13,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.problems import problem_body
+from service.api.routes import COMPUTE_ROUTES
 from service.api.runtime import Runtime, scope_header
 from service.errors import Unauthorized
 from service.logs import AccessLog
@@ -58,6 +59,9 @@ class ObservabilityMiddleware:
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
         self.stats = runtime.metrics.requests
+        self.models = runtime.metrics.models
+        # the routes whose requests are inferences (the statistics extension)
+        self.inference_routes = frozenset(r.path for r in COMPUTE_ROUTES)
         self.runtime = runtime
         self.pending: list[tuple[Scope, dict[str, Any], bytes, float, float]] = []
         self.flush_on: asyncio.AbstractEventLoop | None = None  # where a flush is due
@@ -124,6 +128,8 @@ class ObservabilityMiddleware:
         stats.body_in += state["in"]
         stats.body_out += state["out"]
         extra = scope["state"].get("loss_stats") or {}
+        if route in self.inference_routes and loss in LOSSES:
+            self.models.record(loss, state["status"], duration, extra, now)
         if "tensor_bytes_in" in extra:
             stats.tensor_in += extra["tensor_bytes_in"]
             stats.tensor_out += extra["tensor_bytes_out"]

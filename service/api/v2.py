@@ -37,7 +37,8 @@ from service.api.v1 import json_response
 from service.compute import Prepared, Timings, prepare
 from service.config import Settings
 from service.losses import LossSpec, resolve
-from service.protocols.oip import DATATYPES, loss_call, model, model_metadata
+from service.protocols import oip_extensions
+from service.protocols.oip import ACCEPTED, loss_call, model, model_metadata
 from service.protocols.oip_json import (
     HEADER_LENGTH,
     Body,
@@ -49,7 +50,7 @@ from service.shm import Regions
 from service.tensors import ElementBudget
 
 HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # as in ASGI headers
-EXTENSIONS = ["binary_tensor_data", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "parameters", *oip_extensions.EXTENSIONS]
 
 # --------------------------------------------------------------------------- models (OpenAPI)
 
@@ -93,7 +94,7 @@ class ModelReady(BaseModel):
 class RequestInput(BaseModel):
     name: str = Field(description="a torch argument name: input, target, weight, ...")
     shape: list[int]
-    datatype: str = Field(description=", ".join(DATATYPES))
+    datatype: str = Field(description=", ".join(ACCEPTED))
     parameters: dict[str, Any] | None = Field(
         None, description='{"binary_data_size": n} when the bytes follow the JSON header'
     )
@@ -247,6 +248,18 @@ async def model_infer_version(request: Request, name: str, version: str) -> Resp
     return await serve_infer(request, model(name, version))
 
 
+def model_readiness(request: Request, spec: LossSpec) -> Response:
+    """A model is ready when the server is: 503 while starting or draining."""
+    if not is_ready(request.app):
+        return Response(
+            orjson.dumps({"name": spec.name, "ready": False}),
+            status_code=503,
+            media_type="application/json",
+            headers={"Retry-After": "1"},
+        )
+    return json_response({"name": spec.name, "ready": True})
+
+
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -303,10 +316,14 @@ def build_router() -> APIRouter:
         """Model metadata: the loss's inputs and outputs (-1 = variable dimension)."""
         return json_response(model_metadata(resolve(name)))
 
-    @router.get("/models/{name}/ready", response_model=ModelReady, responses=not_found)
-    def model_ready(name: str) -> Response:
-        """Model readiness (every loss is always ready)."""
-        return json_response({"name": resolve(name).name, "ready": True})
+    @router.get(
+        "/models/{name}/ready",
+        response_model=ModelReady,
+        responses={**not_found, 503: ERROR_RESPONSES[503]},
+    )
+    def model_ready(request: Request, name: str) -> Response:
+        """Model readiness: every loss is ready whenever the server is (503 while it drains)."""
+        return model_readiness(request, model(name))
 
     # The versioned forms, for clients that name a version (the only one is "1").
     @router.get("/models/{name}/versions/{version}", include_in_schema=False)
@@ -314,8 +331,8 @@ def build_router() -> APIRouter:
         return json_response(model_metadata(model(name, version)))
 
     @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
-    def model_ready_version(name: str, version: str) -> Response:
-        return json_response({"name": model(name, version).name, "ready": True})
+    def model_ready_version(request: Request, name: str, version: str) -> Response:
+        return model_readiness(request, model(name, version))
 
     # POST infer, and its versioned form (for clients that name a version)
     for path, documented in (

@@ -9,16 +9,19 @@ travel as request parameters, the outputs are ``loss`` and ``grad_<arg>``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from service.compute import Argument, Evaluation, LossCall
 from service.errors import BadRequest, NotFound, invalid, quote
 from service.losses import LossSpec, TensorArg, resolve
+from service.losses.registry import canonical_name
 from service.schemas import DEPRECATED_OPTIONS, parse_options
-from service.shm import Target
+from service.shm import Reference, Regions, Target
 from service.tensors import to_host
 
 MODEL_VERSION = "1"
@@ -35,6 +38,23 @@ DATATYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DATATYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DATATYPES.items()}
+
+# Integer datatypes that torch takes no class index or length in (it wants
+# int64 there, and has few kernels for uint16/32/64): decoded as the wire
+# holds them (little-endian), then widened to INT64 exactly. A value past
+# int64 (UINT64 only) is a 422, never wrapped. Integer tensors only ever
+# serve as indices and lengths, so nothing is lost by widening.
+WIDENED: dict[str, tuple[str, int, int]] = {  # numpy dtype, range
+    "INT8": ("<i1", -(2**7), 2**7 - 1),
+    "INT16": ("<i2", -(2**15), 2**15 - 1),
+    "UINT16": ("<u2", 0, 2**16 - 1),
+    "UINT32": ("<u4", 0, 2**32 - 1),
+    "UINT64": ("<u8", 0, 2**64 - 1),
+}
+ACCEPTED = (*DATATYPES, *WIDENED)  # every datatype an input may have
+FLOAT_DATATYPES = ("FP16", "BF16", "FP32", "FP64")
+INTEGER_DATATYPES = ("INT64", "INT32", "INT16", "INT8", "UINT8", "UINT16", "UINT32", "UINT64")
+INT64_MAX = 2**63 - 1
 
 # Request parameters that OIP clients send on their own (tritonclient sets
 # binary_data_output; the others belong to Triton's scheduler) and that mean
@@ -79,6 +99,24 @@ def model(name: str, version: str = "") -> LossSpec:
     return spec
 
 
+def check_model_fields(spec: LossSpec, name: Any, version: Any) -> None:
+    """A request body's own ``model_name`` and ``model_version`` (Triton's
+    clients may send them): optional, and when given they must name the
+    model of the route (an alias counts); a mismatch is a 400."""
+    if name is not None and name != "":
+        if not isinstance(name, str):
+            raise BadRequest(f"model_name must be a string, got {quote(name)}")
+        if canonical_name(name) != spec.name:
+            raise BadRequest(
+                f"model_name {quote(name)} does not match the model of the route, {spec.name}"
+            )
+    if version is not None and version != "" and version != MODEL_VERSION:
+        raise BadRequest(
+            f"model_version {quote(version)} does not match the model's only version, "
+            f"{MODEL_VERSION!r}"
+        )
+
+
 def describe_inputs(spec: LossSpec) -> str:
     return ", ".join(a.name if a.required else f"{a.name} (optional)" for a in spec.args)
 
@@ -91,6 +129,67 @@ def input_name(spec: LossSpec, name: str) -> str:
             "(and grad_output, the upstream gradient)"
         )
     return name
+
+
+def check_datatype(spec: LossSpec, name: str, datatype: str) -> None:
+    """The datatype is one the protocol carries (else 400) and one the
+    input's role takes: a float-role input (and grad_output) needs a float
+    datatype (else 422, as any invalid value). BOOL and integers are refused
+    there; no loss takes a BOOL anywhere (index roles refuse it later)."""
+    if datatype not in ACCEPTED:
+        raise BadRequest(
+            f"input {quote(name)}: datatype must be one of {', '.join(ACCEPTED)}, "
+            f"got {quote(datatype)}"
+        )
+    role = "float" if name == "grad_output" else spec.arg(name).role
+    if role in ("float", "float_or_number") and datatype not in FLOAT_DATATYPES:
+        raise invalid(
+            name,
+            f"expected a floating datatype ({', '.join(FLOAT_DATATYPES)}), got {datatype}",
+        )
+
+
+def widen(name: str, datatype: str, values: np.ndarray[Any, Any]) -> torch.Tensor:
+    """An INT8/INT16/UINT16/UINT32/UINT64 input's values -> an int64 tensor,
+    exactly: a value outside the datatype, or past int64, is a 422."""
+    _, low, high = WIDENED[datatype]
+    if values.size:
+        smallest, largest = int(values.min()), int(values.max())
+        if smallest < low or largest > high:
+            bad = smallest if smallest < low else largest
+            raise invalid(name, f"expected {datatype} integers in [{low}, {high}], got {bad}")
+        if largest > INT64_MAX:
+            raise invalid(
+                name,
+                f"{datatype} value {largest} is past int64 (torch takes class indices and "
+                f"lengths as int64, up to {INT64_MAX})",
+            )
+    return torch.from_numpy(values.astype(np.int64))
+
+
+def widen_bytes(name: str, datatype: str, data: bytes | memoryview) -> torch.Tensor:
+    """Raw little-endian bytes of a widened datatype -> int64 (checked by the caller's size)."""
+    return widen(name, datatype, np.frombuffer(data, dtype=WIDENED[datatype][0]))
+
+
+def read_region(
+    name: str, datatype: str, shape: list[int], regions: Regions, ref: Reference
+) -> torch.Tensor:
+    """An input in a shared-memory region (its datatype checked already)."""
+    what = f"input {quote(name)}"
+    if datatype in WIDENED:
+        raw = regions.read(what, ref, torch.uint8, [math.prod(shape) * itemsize(datatype)])
+        return widen_bytes(name, datatype, raw.numpy().data).reshape(shape)
+    dtype = DATATYPES[datatype]
+    return regions.read(what, ref, dtype, shape)
+
+
+def itemsize(datatype: str) -> int:
+    """Bytes per element on the wire (BOOL: one byte)."""
+    if datatype in WIDENED:
+        return np.dtype(WIDENED[datatype][0]).itemsize
+    dtype = DATATYPES[datatype]
+    return 1 if dtype == torch.bool else torch.empty((), dtype=dtype).element_size()
 
 
 def add_input(request: InferRequest, name: str, tensor: torch.Tensor) -> None:
@@ -248,53 +347,62 @@ def selected_outputs(
 
 # --------------------------------------------------------------------------- metadata
 
-
-def _rank(value: Any) -> int:
-    rank = 0
-    while isinstance(value, list):
-        rank += 1
-        value = value[0] if value else None
-    return rank
-
-
-def _input_datatype(arg: TensorArg) -> str:
-    return "INT64" if arg.role in ("index", "class_target") else "FP32"
+# OIP metadata has one datatype and one shape per tensor; a loss takes
+# several of each. The datatype listed is the default one (what an input
+# given as plain numbers would be), the ``datatypes`` parameter lists all
+# that are accepted; the shape is [-1] for every tensor, "any shape",
+# because every argument but a class weight takes more than one rank
+# (``torch_shape`` says which, in torch's words).
+ANY_SHAPE = [-1]
+OUTPUT_DATATYPE = "the float inputs' datatype: FP16, BF16, FP32 or FP64 (FP32 by default)"
 
 
-def _metadata_shape(spec: LossSpec, arg: TensorArg) -> list[int]:
-    """Variable dimensions, at the rank of the worked example (1 for the rest)."""
-    example = spec.example.get(arg.name)
-    return [-1] * (_rank(example) if example is not None else 1)
+def input_datatypes(arg: TensorArg) -> tuple[str, list[str]]:
+    """An input's default datatype and every datatype it accepts."""
+    if arg.role == "index":
+        return "INT64", [*INTEGER_DATATYPES, *FLOAT_DATATYPES]  # floats when integral
+    if arg.role == "class_target":  # class indices, or probabilities shaped like input
+        return "INT64", [*INTEGER_DATATYPES, *FLOAT_DATATYPES]
+    return "FP32", list(FLOAT_DATATYPES)
 
 
 def model_metadata(spec: LossSpec) -> dict[str, Any]:
-    inputs = [
-        {
-            "name": a.name,
-            "datatype": _input_datatype(a),
-            "shape": _metadata_shape(spec, a),
-            "parameters": {"required": a.required, "role": a.role, "torch_shape": a.shape},
-        }
-        for a in spec.args
-    ]
-    outputs: list[dict[str, Any]] = [
-        {
-            "name": "loss",
-            "datatype": "FP32",
-            "shape": [-1],
-            "parameters": {"torch_shape": "[1] for reduction mean or sum; else input's shape"},
-        }
-    ]
-    for name in spec.maybe_differentiable:
-        arg = spec.arg(name)
-        outputs.append(
-            {
-                "name": f"grad_{name}",
-                "datatype": "FP32",
-                "shape": _metadata_shape(spec, arg),
-                "parameters": {"torch_shape": f"same as {name}"},
-            }
+    """Inputs (the tensor arguments, then the optional grad_output) and
+    outputs: ``loss`` always; ``grad_<arg>`` only when asked for, by the
+    ``grad`` parameter or by naming it in ``outputs`` (a request without
+    ``outputs`` gets the loss and the gradients it asked for)."""
+    inputs = []
+    for a in spec.args:
+        datatype, accepted = input_datatypes(a)
+        parameters = {"required": a.required, "role": a.role, "torch_shape": a.shape,
+                      "datatypes": accepted}  # fmt: skip
+        inputs.append(
+            {"name": a.name, "datatype": datatype, "shape": ANY_SHAPE, "parameters": parameters}
         )
+    inputs.append({
+        "name": "grad_output", "datatype": "FP32", "shape": ANY_SHAPE,
+        "parameters": {
+            "required": False, "role": "float",
+            "torch_shape": "same as the loss output: the upstream gradient (default ones)",
+            "datatypes": list(FLOAT_DATATYPES),
+        },
+    })  # fmt: skip
+    outputs: list[dict[str, Any]] = [{
+        "name": "loss", "datatype": "FP32", "shape": ANY_SHAPE,
+        "parameters": {
+            "torch_shape": "[1] for reduction mean or sum; else the loss's output shape",
+            "datatype": OUTPUT_DATATYPE, "optional": False,
+        },
+    }]  # fmt: skip
+    for name in spec.maybe_differentiable:
+        outputs.append({
+            "name": f"grad_{name}", "datatype": "FP32", "shape": ANY_SHAPE,
+            "parameters": {
+                "torch_shape": f"same as {name}", "datatype": f"{name}'s datatype",
+                "optional": True,
+                "returned": f"when parameters.grad asks for {name}, or outputs names it",
+            },
+        })  # fmt: skip
     return {
         "name": spec.name,
         "versions": [MODEL_VERSION],

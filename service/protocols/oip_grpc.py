@@ -35,6 +35,12 @@ CONTENTS: dict[str, tuple[str, type[np.generic]]] = {
     "INT32": ("int_contents", np.int32),
     "INT64": ("int64_contents", np.int64),
     "UINT8": ("uint_contents", np.uint8),
+    # widened to INT64 (``oip.WIDENED``): read at the field's own width
+    "INT8": ("int_contents", np.int32),
+    "INT16": ("int_contents", np.int32),
+    "UINT16": ("uint_contents", np.uint32),
+    "UINT32": ("uint_contents", np.uint32),
+    "UINT64": ("uint64_contents", np.uint64),
     "FP32": ("fp32_contents", np.float32),
     "FP64": ("fp64_contents", np.float64),
 }
@@ -82,12 +88,13 @@ def parse_infer(
     contents = iter(raw)
     for item, ref in zip(message.inputs, shared, strict=True):
         name = oip.input_name(spec, item.name)
+        oip.check_datatype(spec, name, item.datatype)
         if ref is None:
             tensor = _decode_input(name, item, next(contents) if raw else None, budget)
         else:
             assert regions is not None
-            dtype, shape = _tensor_type(name, item, budget)
-            tensor = regions.read(f"input {quote(name)}", ref, dtype, shape)
+            shape = _checked_shape(name, item, budget)
+            tensor = oip.read_region(name, item.datatype, shape, regions, ref)
         oip.add_input(request, name, tensor)
     if message.outputs:
         request.outputs = []
@@ -119,10 +126,10 @@ def _shared_memory(what: str, parameters: Any, regions: Regions | None) -> Refer
     return ref
 
 
-def _tensor_type(
+def _checked_shape(
     name: str, item: pb.ModelInferRequest.InferInputTensor, budget: ElementBudget
-) -> tuple[torch.dtype, list[int]]:
-    """An input's datatype and shape, checked and counted."""
+) -> list[int]:
+    """An input's shape, checked and counted (its datatype: oip.check_datatype)."""
     shape = list(item.shape)
     if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
         raise BadRequest(
@@ -130,14 +137,8 @@ def _tensor_type(
             f"dimensions, got {quote(shape)}"
         )
     extent = check_dims(shape, (name, "shape"))  # 422: a shape torch cannot hold
-    datatype = item.datatype
-    if datatype not in DATATYPES:
-        raise BadRequest(
-            f"input {quote(name)}: datatype must be one of {', '.join(DATATYPES)}, "
-            f"got {quote(datatype)}"
-        )
     budget.take(name, math.prod(shape), extent)
-    return DATATYPES[datatype], shape
+    return shape
 
 
 def _decode_input(
@@ -146,17 +147,20 @@ def _decode_input(
     raw: bytes | None,
     budget: ElementBudget,
 ) -> torch.Tensor:
-    dtype, shape = _tensor_type(name, item, budget)
-    datatype = item.datatype
+    shape = _checked_shape(name, item, budget)
+    datatype = item.datatype  # checked by oip.check_datatype
     numel = math.prod(shape)
     if raw is not None:
-        wire_dtype = torch.uint8 if dtype == torch.bool else dtype
-        itemsize = torch.empty((), dtype=wire_dtype).element_size()
+        itemsize = oip.itemsize(datatype)
         if len(raw) != numel * itemsize:
             raise BadRequest(
                 f"input {quote(name)}: raw_input_contents holds {len(raw)} bytes but shape "
                 f"{shape} of {datatype} takes {numel * itemsize}"
             )
+        if datatype in oip.WIDENED:
+            return oip.widen_bytes(name, datatype, raw).reshape(shape)
+        dtype = DATATYPES[datatype]
+        wire_dtype = torch.uint8 if dtype == torch.bool else dtype
         return bytes_to_tensor(raw, wire_dtype, shape, as_bool=dtype == torch.bool)
     if datatype not in CONTENTS:
         raise BadRequest(
@@ -170,6 +174,8 @@ def _decode_input(
             f"input {quote(name)}: shape {shape} takes {numel} elements, "
             f"contents.{field} holds {len(values)}"
         )
+    if datatype in oip.WIDENED:  # checked against the datatype's range there
+        return oip.widen(name, datatype, np.array(values, dtype=np_dtype)).reshape(shape)
     # uint_contents holds uint32 values: one past UINT8's range is refused, never wrapped
     if datatype == "UINT8" and numel and max(values) > 255:
         raise BadRequest(f"input {quote(name)}: contents.{field} holds {max(values)}, past UINT8")

@@ -19,14 +19,21 @@ from service.protocols.oip import (
     DATATYPE_NAMES,
     DATATYPES,
     MODEL_VERSION,
+    WIDENED,
     InferRequest,
     OutputRequest,
     add_input,
+    check_datatype,
     check_inputs,
+    check_model_fields,
     describe_inputs,
     input_name,
+    itemsize,
     output_request,
+    read_region,
     selected_outputs,
+    widen,
+    widen_bytes,
 )
 from service.shm import PARAMETERS as SHARED_MEMORY
 from service.shm import Reference, Regions, reference
@@ -90,8 +97,9 @@ def parse_infer(
     if unknown:
         raise BadRequest(
             f"unknown field(s) {quote(sorted(unknown))} in the inference request; expected "
-            "id, parameters, inputs, outputs"
+            "id, parameters, inputs, outputs, model_name, model_version"
         )
+    check_model_fields(spec, payload.get("model_name"), payload.get("model_version"))
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest(f"id must be a string, got {quote(request_id)}")
@@ -158,12 +166,9 @@ def _decode_input(
         )
     extent = check_dims(shape, (name, "shape"))  # 422: a shape torch cannot hold
     datatype = item.get("datatype")
-    if datatype not in DATATYPES:
-        raise BadRequest(
-            f"input {quote(name)}: datatype must be one of {', '.join(DATATYPES)}, "
-            f"got {quote(datatype)}"
-        )
-    dtype = DATATYPES[datatype]
+    if not isinstance(datatype, str):
+        raise BadRequest(f"input {quote(name)}: datatype must be a string, got {quote(datatype)}")
+    check_datatype(spec, name, datatype)
     what = f"input {quote(name)}"
     parameters = _tensor_parameters(item, what, ("binary_data_size", *SHARED_MEMORY))
     numel = math.prod(shape)
@@ -172,14 +177,14 @@ def _decode_input(
         if "data" in item or "binary_data_size" in parameters:
             raise BadRequest(f"{what} has shared_memory_region and also data or binary_data_size")
         budget.take(name, numel, extent)
-        return name, shared[0].read(what, shared[1], dtype, shape), 0
+        return name, read_region(name, datatype, shape, *shared), 0
     size = parameters.get("binary_data_size")
     if size is None:
         if "data" not in item:
             raise BadRequest(
                 f"input {quote(name)} has neither data nor parameters.binary_data_size"
             )
-        return name, _decode_json_data(name, item["data"], shape, extent, dtype, budget), 0
+        return name, _decode_json_data(name, item["data"], shape, extent, datatype, budget), 0
     if "data" in item:
         raise BadRequest(f"input {quote(name)} has both data and parameters.binary_data_size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -188,21 +193,23 @@ def _decode_input(
             f"got {quote(size)}"
         )
     budget.take(name, numel, extent)
-    itemsize = 1 if dtype == torch.bool else torch.empty((), dtype=dtype).element_size()
-    if size != numel * itemsize:
+    width = itemsize(datatype)
+    if size != numel * width:
         raise BadRequest(
             f"input {quote(name)}: binary_data_size is {size} but shape {shape} of {datatype} "
-            f"takes {numel * itemsize} bytes"
+            f"takes {numel * width} bytes"
         )
     if offset + size > len(binary):
         raise BadRequest(
             f"input {quote(name)}: binary_data_size {size} at offset {offset} runs past the end of "
             f"the body ({len(binary)} bytes of binary data after the JSON header)"
         )
+    data = binary[offset : offset + size]
+    if datatype in WIDENED:
+        return name, widen_bytes(name, datatype, data).reshape(shape), size
+    dtype = DATATYPES[datatype]
     wire_dtype = torch.uint8 if dtype == torch.bool else dtype
-    tensor = bytes_to_tensor(
-        binary[offset : offset + size], wire_dtype, shape, as_bool=dtype == torch.bool
-    )
+    tensor = bytes_to_tensor(data, wire_dtype, shape, as_bool=dtype == torch.bool)
     return name, tensor, size
 
 
@@ -219,10 +226,12 @@ def _decode_json_data(
     data: Any,
     shape: list[int],
     extent: int,
-    dtype: torch.dtype,
+    datatype: str,
     budget: ElementBudget,
 ) -> torch.Tensor:
-    """JSON ``data`` (flat or nested, row-major) -> a tensor of ``shape`` and ``dtype``."""
+    """JSON ``data`` (flat or nested, row-major) -> a tensor of ``shape`` and
+    ``datatype``'s dtype (int64 for the widened ones)."""
+    dtype = DATATYPES.get(datatype, torch.int64)
     if dtype.is_floating_point:
         tensor, _ = decode_raw(data, field=name, role="float", float_dtype=dtype, budget=budget)
     else:
@@ -232,7 +241,9 @@ def _decode_json_data(
                 raise invalid(name, "expected booleans (true/false or 1/0)")
             tensor = raw != 0
         else:
-            tensor = to_integers(raw, name, dtype, f"{DATATYPE_NAMES[dtype]} integers")
+            tensor = to_integers(raw, name, dtype, f"{datatype} integers")
+            if datatype in WIDENED:
+                tensor = widen(name, datatype, tensor.numpy())
     if tensor.numel() != math.prod(shape):
         raise BadRequest(
             f"input {quote(name)}: shape {shape} takes {math.prod(shape)} elements, "
@@ -268,7 +279,8 @@ def _shared_memory(
 
 
 def _parse_outputs(spec: LossSpec, raw: Any, regions: Regions | None) -> list[OutputRequest] | None:
-    if raw is None:
+    # [] reads as no list: what gRPC, which cannot tell the two apart, does too
+    if raw is None or raw == []:
         return None
     if not isinstance(raw, list):
         raise BadRequest("outputs must be an array")
