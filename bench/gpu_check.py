@@ -834,6 +834,9 @@ def oom_check(client: httpx.Client, device: str, served_on: str, rep: Report) ->
 # =========================================================================== pytest
 
 
+CUDA_TEST_FILES = ("tests/test_cuda.py", "tests/test_client.py", "tests/test_client_large.py")
+
+
 def cuda_tests(rep: Report) -> None:
     """tests/test_cuda.py (the app in-process on CUDA: auto/cuda devices, dtypes, a
     class index out of range as 422, not a device assert), where pytest is installed."""
@@ -850,7 +853,8 @@ def cuda_tests(rep: Report) -> None:
         command += ["-p", "pytest_timeout"]
     else:  # pyproject's `timeout` option is then unknown: not an error here
         command += ["-W", "ignore::pytest.PytestConfigWarning"]
-    command.append("tests/test_cuda.py")
+    # the CUDA tests: the app, shared memory, and the client's tensors on a GPU
+    command += ["-m", "cuda", *CUDA_TEST_FILES]
     try:
         proc = subprocess.run(
             command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
@@ -862,7 +866,7 @@ def cuda_tests(rep: Report) -> None:
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
     summary = lines[-1].strip("= ") if lines else f"exit status {proc.returncode}"
     rep.pytest_ok = proc.returncode == 0
-    rep.pytest = f"`pytest tests/test_cuda.py`: {summary}"
+    rep.pytest = f"`pytest -m cuda {' '.join(CUDA_TEST_FILES)}`: {summary}"
     if not rep.pytest_ok:
         rep.errors.append(f"tests/test_cuda.py failed:\n{proc.stdout[-3000:]}{proc.stderr[-1000:]}")
     print("   " + rep.pytest, flush=True)
@@ -1615,7 +1619,7 @@ def render(
     summary = (
         f"{len(rep.outcomes)} parity/gradient checks, {failed} failed; seed request "
         f"{'ok' if rep.seed_ok else 'FAILED'}; out of memory {verdict}; benchmark values "
-        f"{bench}; tests/test_cuda.py: {tests}; {len(rep.errors)} errors"
+        f"{bench}; CUDA tests: {tests}; {len(rep.errors)} errors"
     )
     if rep.rehearsal:
         verdict_line = (
@@ -1757,7 +1761,7 @@ def main(argv: list[str] | None = None) -> int:
         except CheckError as exc:  # the service did not start
             rep.errors.append(str(exc))
             print(f"gpu-check: {exc}", flush=True)
-    phase("pytest", "tests/test_cuda.py", lambda: cuda_tests(rep), None)
+    phase("pytest", "the CUDA tests", lambda: cuda_tests(rep), None)
     rep.phase_seconds["total"] = time.monotonic() - begin
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
