@@ -74,13 +74,18 @@ def build_router() -> APIRouter:
         413: {"description": "The region does not fit in the memory budget"},
         503: {"description": "The memory budget is full now (Retry-After)"},
     }
+    unknown = {"description": "No region of that name is registered"}
 
     @router.get("/systemsharedmemory/status", response_model=list[SystemStatus])
     def system_status(request: Request) -> Response:
         """The registered system shared-memory regions."""
         return json_response(runtime(request).regions.status("system"))
 
-    @router.get("/systemsharedmemory/region/{name}/status", response_model=list[SystemStatus])
+    @router.get(
+        "/systemsharedmemory/region/{name}/status",
+        response_model=list[SystemStatus],
+        responses={400: unknown},
+    )
     def system_region_status(request: Request, name: str) -> Response:
         """One registered system shared-memory region."""
         return json_response(runtime(request).regions.status("system", name))
@@ -122,7 +127,11 @@ def build_router() -> APIRouter:
         """The registered CUDA shared-memory regions."""
         return json_response(runtime(request).regions.status("cuda"))
 
-    @router.get("/cudasharedmemory/region/{name}/status", response_model=list[CudaStatus])
+    @router.get(
+        "/cudasharedmemory/region/{name}/status",
+        response_model=list[CudaStatus],
+        responses={400: unknown},
+    )
     def cuda_region_status(request: Request, name: str) -> Response:
         """One registered CUDA shared-memory region."""
         return json_response(runtime(request).regions.status("cuda", name))
