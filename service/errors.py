@@ -6,6 +6,7 @@ RFC 9457 problem details (v1) and ``{"error": ...}`` bodies (v2).
 
 from __future__ import annotations
 
+import difflib
 import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,3 +153,11 @@ def invalid(loc: str | int | Sequence[str | int], msg: str) -> InvalidPayload:
     """An InvalidPayload for one field: ``raise invalid("target", "expected ...")``."""
     path: tuple[str | int, ...] = (loc,) if isinstance(loc, str | int) else tuple(loc)
     return InvalidPayload([FieldError(("body", *path), msg)])
+
+
+def did_you_mean(name: str, choices: Sequence[str]) -> str:
+    """ " (did you mean 'x'?)" for the closest of ``choices`` to a misspelt
+    name, "" when none is close (standard library ``difflib``)."""
+    lowered = {choice.lower(): choice for choice in choices}
+    found = difflib.get_close_matches(name[:QUOTE_LIMIT].lower(), list(lowered), n=1, cutoff=0.6)
+    return f" (did you mean {lowered[found[0]]!r}?)" if found else ""

@@ -109,10 +109,10 @@ def sample(client: TestClient, name: str, **labels: str) -> float:
 
 def test_metrics_counters_move(client: TestClient) -> None:
     # by route template and canonical loss name, whichever name the client used
-    ok = {"route": "/v1/losses/{name}", "loss": "cross_entropy", "status": "200"}
-    bad = {"route": "/v1/losses/{name}", "loss": "cross_entropy", "status": "422"}
-    unknown = {"route": "/v1/losses/{name}", "loss": "unknown", "status": "404"}
-    v2 = {"route": "/v2/models/{name}/infer", "loss": "mse_loss", "status": "200"}
+    ok = {"method": "POST", "route": "/v1/losses/{name}", "loss": "cross_entropy", "status": "200"}
+    bad = {"method": "POST", "route": "/v1/losses/{name}", "loss": "cross_entropy", "status": "422"}
+    unknown = {"method": "POST", "route": "/v1/losses/{name}", "loss": "unknown", "status": "404"}
+    v2 = {"method": "POST", "route": "/v2/models/{name}/infer", "loss": "mse_loss", "status": "200"}
     labels = {"ok": ok, "bad": bad, "unknown": unknown, "v2": v2}
     before = {k: sample(client, "loss_service_requests_total", **v) for k, v in labels.items()}
     errors = sample(client, "loss_service_errors_total", **bad)

@@ -146,7 +146,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         route = f"/{SERVICE}/{method}"
         loss = scope.get("loss", "")
         stats = self.runtime.metrics.requests
-        stats.record(route, loss, status, duration)
+        stats.record("GRPC", route, loss, status, duration)
         extra = scope["state"].get("loss_stats") or {}
         stats.body_in += scope.get("bytes_in", 0)
         stats.body_out += scope.get("bytes_out", 0)
