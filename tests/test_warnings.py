@@ -55,9 +55,12 @@ def test_warnings_are_torchs(client: TestClient, case: Case, reduction: str) -> 
 def test_silent_broadcasting_is_reported(client: TestClient) -> None:
     body = {"input": [[1.0, 2.0], [3.0, 4.0]], "target": [1.0, 2.0]}
     result = client.post("/v1/losses/mse_loss", json=body).json()
-    assert result["value"] == torch.nn.functional.mse_loss(
-        torch.tensor(body["input"]), torch.tensor(body["target"])
-    ).item()  # the value is still torch's
+    assert (
+        result["value"]
+        == torch.nn.functional.mse_loss(
+            torch.tensor(body["input"]), torch.tensor(body["target"])
+        ).item()
+    )  # the value is still torch's
     assert result["warnings"] == [
         "Using a target size (torch.Size([2])) that is different to the input size "
         "(torch.Size([2, 2])). This will likely lead to incorrect results due to "
