@@ -156,7 +156,7 @@ def invalid(loc: str | int | Sequence[str | int], msg: str) -> InvalidPayload:
 
 
 def did_you_mean(name: str, choices: Sequence[str]) -> str:
-    """" (did you mean 'x'?)" for the closest of ``choices`` to a misspelt
+    """ " (did you mean 'x'?)" for the closest of ``choices`` to a misspelt
     name (standard library ``difflib``; else the first choice the name
     begins, "huber" -> "huber_loss"), "" when none is close."""
     lowered = {choice.lower(): choice for choice in choices}

@@ -5,7 +5,7 @@ an anchor there that explains it."""
 from __future__ import annotations
 
 import re
-from urllib.parse import urljoin, urldefrag
+from urllib.parse import urldefrag, urljoin
 
 import httpx
 import pytest

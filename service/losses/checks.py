@@ -227,8 +227,9 @@ def ctc(tensors: Tensors, options: Mapping[str, Any]) -> None:
 def target_size_warning(tensors: Tensors, options: Mapping[str, Any]) -> list[str]:
     """l1_loss, mse_loss, smooth_l1_loss, huber_loss: torch's UserWarning when
     target broadcasts against input (a classic bug in the caller's code)."""
-    input, target = tensor(tensors, "input"), tensor(tensors, "target")
-    if target.size() == input.size():
+    input, target = tensors["input"], tensors["target"]
+    assert isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
+    if target.size() == input.size():  # the common case: one comparison
         return []
     return [
         f"Using a target size ({target.size()}) that is different to the input size "
