@@ -91,3 +91,11 @@ def test_root_redirects_to_the_docs(clients: tuple[TestClient, TestClient]) -> N
     for client in clients:
         response = client.get("/", follow_redirects=False)
         assert response.status_code == 302 and response.headers["location"] == "/docs"
+
+
+def test_a_405_quotes_a_bounded_method(clients: tuple[TestClient, TestClient]) -> None:
+    method = "X" * 5000
+    for client in clients:
+        response = client.request(method, "/v1/losses/cross_entropy")
+        assert response.status_code == 405 and response.headers["allow"] == "GET, POST"
+        assert len(response.json()["detail"]) < 100

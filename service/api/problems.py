@@ -173,7 +173,8 @@ def install(app: FastAPI) -> None:
             # path matched; GET and POST of /v1/losses/{name} are two routes
             allowed = allowed_methods(app, request.scope)
             headers["Allow"] = ", ".join(allowed)
-            detail = f"{request.method} is not allowed here; this route takes {headers['Allow']}"
+            method = request.method if len(request.method) <= 20 else f"{request.method[:20]}..."
+            detail = f"{method} is not allowed here; this route takes {headers['Allow']}"
         return error_response(request, _HTTPProblem(exc.status_code, detail, headers))
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
