@@ -150,6 +150,9 @@ class Evaluation:
     call: LossCall
     value: torch.Tensor
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    # what torch warns about for this call (its messages), e.g. a target
+    # broadcast against input
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -173,6 +176,7 @@ class Plan:
     device: torch.device
     cost: Cost
     memory_bytes: int
+    warnings: list[str]
 
 
 def prepare(
@@ -205,6 +209,7 @@ def plan(call: LossCall, settings: Settings, timings: Timings) -> Plan:
         tensors = assign_roles(spec, call.arguments, call.float_dtype)
         if spec.validate is not None:
             spec.validate(tensors, call.options)
+        notes = spec.torch_warnings(tensors, call.options) if spec.torch_warnings else []
         grad_names = grad_targets(spec, call.grad, call.grad_output is not None, tensors)
     except InvalidPayload as exc:
         raise relocate(exc, call.loc) from None
@@ -224,7 +229,7 @@ def plan(call: LossCall, settings: Settings, timings: Timings) -> Plan:
         )
     timings.decode += time.perf_counter() - start
     memory = _memory_bytes(cost, tensors, grad_names, call.encoding, call.raw_outputs)
-    return Plan(call, tensors, grad_names, device, cost, memory)
+    return Plan(call, tensors, grad_names, device, cost, memory, notes)
 
 
 @lru_cache(maxsize=4096)
@@ -307,6 +312,7 @@ def compute(checked: Plan, timings: Timings) -> Evaluation:
         t.nbytes for t in tensors.values() if isinstance(t, torch.Tensor)
     )
     evaluation = run_loss(checked.call, tensors, checked.grad_names)
+    evaluation.warnings = checked.warnings
     timings.compute += time.perf_counter() - moved_at
     timings.tensor_bytes_out += evaluation.value.nbytes + sum(
         g.nbytes for g in evaluation.grads.values()
@@ -345,9 +351,22 @@ def assign_roles(
                 raw.dim() == input.dim() and has_fractions(raw)
             )
             role = "float" if probabilities else "index"
-        tensors[arg.name] = coerce_role(
-            raw, field=arg.name, role=role, float_dtype=float_dtype, explicit=explicit
-        )
+        try:
+            tensors[arg.name] = coerce_role(
+                raw, field=arg.name, role=role, float_dtype=float_dtype, explicit=explicit
+            )
+        except InvalidPayload as exc:
+            if arg.role != "class_target" or not has_fractions(raw):
+                raise
+            # fractions in a target that is not shaped like input: neither
+            # indices nor probabilities; say what probabilities must be
+            input = tensors["input"]
+            assert isinstance(input, torch.Tensor)
+            raise invalid(
+                arg.name,
+                f"{exc.errors[0].msg}; probability targets must have the input's shape "
+                f"{list(input.shape)}, got {list(raw.shape)}",
+            ) from None
     return tensors
 
 
@@ -496,9 +515,34 @@ def _torch_error(
                 )
             ]
         )
+    if "must match the size of tensor" in message:
+        mismatch = _broadcast_mismatch(spec, tensors, loc)
+        if mismatch is not None:
+            return InvalidPayload([mismatch])
     return InvalidPayload(
         [FieldError(loc, f"torch.nn.functional.{spec.name} rejected the arguments: {message}")]
     )
+
+
+def _broadcast_mismatch(
+    spec: LossSpec, tensors: Tensors, loc: tuple[str | int, ...]
+) -> FieldError | None:
+    """torch's "size of tensor a (2) must match ... tensor b (3)" names no
+    argument: the first pair of arguments (in the loss's order) whose shapes
+    do not broadcast, named with both shapes."""
+    present = [(n, t) for n in spec.tensor_names if isinstance(t := tensors.get(n), torch.Tensor)]
+    for i, (name, tensor) in enumerate(present):
+        for ref_name, ref in present[:i]:
+            try:
+                torch.broadcast_shapes(ref.shape, tensor.shape)  # type: ignore[no-untyped-call]
+            except RuntimeError:
+                return FieldError(
+                    (*loc, name),
+                    f"shape {list(tensor.shape)} does not broadcast with {ref_name} "
+                    f"{list(ref.shape)}: expected {ref_name}'s shape {list(ref.shape)} "
+                    "(or one that broadcasts to it)",
+                )
+    return None
 
 
 def relocate(exc: InvalidPayload, loc: tuple[str | int, ...]) -> InvalidPayload:

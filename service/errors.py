@@ -6,6 +6,7 @@ RFC 9457 problem details (v1) and ``{"error": ...}`` bodies (v2).
 
 from __future__ import annotations
 
+import difflib
 import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,3 +153,17 @@ def invalid(loc: str | int | Sequence[str | int], msg: str) -> InvalidPayload:
     """An InvalidPayload for one field: ``raise invalid("target", "expected ...")``."""
     path: tuple[str | int, ...] = (loc,) if isinstance(loc, str | int) else tuple(loc)
     return InvalidPayload([FieldError(("body", *path), msg)])
+
+
+def did_you_mean(name: str, choices: Sequence[str]) -> str:
+    """ " (did you mean 'x'?)" for the closest of ``choices`` to a misspelt
+    name (standard library ``difflib``; else the first choice the name
+    begins, "huber" -> "huber_loss"), "" when none is close."""
+    lowered = {choice.lower(): choice for choice in choices}
+    key = name[:QUOTE_LIMIT].lower()
+    # 0.75: close enough for typos (label_smothing, cross_entropi), not so
+    # loose that focal_loss passes for l1_loss
+    found = difflib.get_close_matches(key, list(lowered), n=1, cutoff=0.75)
+    if not found and len(key) >= 3:
+        found = [choice for choice in lowered if choice.startswith(key)][:1]
+    return f" (did you mean {lowered[found[0]]!r}?)" if found else ""

@@ -35,7 +35,7 @@ class AccessLog:
         if self.json:
             return orjson.dumps({"ts": ts, "level": "info", "logger": "loss_service.access",
                                  "msg": "request", **fields}) + b"\n"  # fmt: skip
-        pairs = " ".join(f"{k}={logfmt(v)}" for k, v in fields.items())
+        pairs = text_fields(fields)
         return f"{ts} INFO loss_service.access request {pairs}\n".encode()
 
 
@@ -77,6 +77,19 @@ def _message(text: str) -> str:
     return logfmt(text)
 
 
+def text_fields(fields: dict[str, Any]) -> str:
+    """``k=v`` pairs of a text line; a field without a value (null in JSON) is
+    left out rather than written ``loss=None``."""
+    return " ".join(f"{k}={logfmt(v)}" for k, v in fields.items() if v is not None)
+
+
+def iso_utc(created: float) -> str:
+    """A timestamp as every log line writes it: ISO 8601, UTC, milliseconds, Z."""
+    second = int(created)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{stamp}.{int((created - second) * 1000):03d}Z"
+
+
 def _write_stderr(data: bytes) -> None:
     with memoryview(data) as rest:
         while rest:  # a pipe may take a large batch in parts
@@ -86,8 +99,7 @@ def _write_stderr(data: bytes) -> None:
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": iso_utc(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -100,9 +112,9 @@ class JSONFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{k}={logfmt(v)}" for k, v in getattr(record, "fields", {}).items())
+        fields = text_fields(getattr(record, "fields", {}))
         message = _message(record.getMessage())
-        text = f"{self.formatTime(record)} {record.levelname} {record.name} {message}"
+        text = f"{iso_utc(record.created)} {record.levelname} {record.name} {message}"
         text = f"{text} {fields}" if fields else text
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp
 from service import __version__
 from service.api import ops, problems, shared_memory, v1, v2, v2_extensions
 from service.api.grpc_server import start_grpc
-from service.api.hotpaths import HotPathDispatch
+from service.api.hotpaths import HotPathDispatch, TrailingSlash
 from service.api.middleware import APIKeyMiddleware, ObservabilityMiddleware
 from service.api.runtime import Runtime
 from service.compute import available_devices
@@ -107,6 +107,8 @@ def create_app(settings: Settings | None = None, *, fast_dispatch: bool = True) 
         # operation ids are the routes' names (cross_entropy, model_infer,
         # healthz): stable and readable for generated clients
         generate_unique_id_function=lambda route: route.name,
+        # TrailingSlash drops the slash instead of a redirect
+        redirect_slashes=False,
         **NO_NATIVE_TELEMETRY,
     )
     app.state.runtime = runtime
@@ -135,9 +137,10 @@ def service_middleware(
     inner: ASGIApp, settings: Settings, runtime: Runtime, fast_dispatch: bool = True
 ) -> ASGIApp:
     """The service's middleware around FastAPI's stack, innermost first: the
-    compute routes' dispatch; keys are checked inside CORS (so preflights
-    pass) and inside observability (so 401s are counted and logged)."""
-    app: ASGIApp = HotPathDispatch(inner) if fast_dispatch else inner
+    compute routes' dispatch, after a trailing slash is dropped; keys are
+    checked inside CORS (so preflights pass) and inside observability (so
+    401s are counted and logged)."""
+    app: ASGIApp = TrailingSlash(HotPathDispatch(inner) if fast_dispatch else inner)
     if settings.api_keys:
         app = APIKeyMiddleware(
             app,

@@ -80,7 +80,7 @@ class Metrics:
 
 
 class Series:
-    """One (route, loss, status): its request count and latency histogram."""
+    """One (method, route, loss, status): its request count and latency histogram."""
 
     __slots__ = ("buckets", "count", "created", "sum")
 
@@ -107,47 +107,50 @@ class RequestStats(Collector):
     """
 
     def __init__(self) -> None:
-        self.series: dict[tuple[str, str, int], Series] = {}
+        self.series: dict[tuple[str, str, str, int], Series] = {}
         self.in_flight = 0
         self.body_in = self.body_out = self.tensor_in = self.tensor_out = 0
         self.created = time.time()
 
-    def record(self, route: str, loss: str, status: int, seconds: float) -> None:
+    def record(self, method: str, route: str, loss: str, status: int, seconds: float) -> None:
         """One finished request; route and loss are bounded (route templates,
-        known losses), so is status, so the series stay few."""
-        key = (route, loss, status)
+        known losses), so are status and method (the HTTP methods a route
+        takes, or GRPC), so the series stay few."""
+        key = (method, route, loss, status)
         series = self.series.get(key)
         if series is None:
             series = self.series[key] = Series()
         series.observe(seconds)
 
     def collect(self) -> Iterator[Metric]:
-        labels = ["route", "loss", "status"]
+        labels = ["method", "route", "loss", "status"]
         requests = CounterMetricFamily(
-            "loss_service_requests", "HTTP requests by route, loss and status", labels=labels
+            "loss_service_requests",
+            "HTTP requests by method, route, loss and status",
+            labels=labels,
         )
         errors = CounterMetricFamily(
             "loss_service_errors",
-            "Error responses (status >= 400) by route, loss and status",
+            "Error responses (status >= 400) by method, route, loss and status",
             labels=labels,
         )
         latency = HistogramMetricFamily(
             "loss_service_request_duration_seconds",
-            "Request latency by route and loss",
-            labels=["route", "loss"],
+            "Request latency by method, route and loss",
+            labels=["method", "route", "loss"],
         )
-        by_route: dict[tuple[str, str], list[Series]] = {}
-        for (route, loss, status), series in sorted(self.series.items()):
-            values = [route, loss, str(status)]
+        by_route: dict[tuple[str, str, str], list[Series]] = {}
+        for (method, route, loss, status), series in sorted(self.series.items()):
+            values = [method, route, loss, str(status)]
             requests.add_metric(values, series.count, created=series.created)
             if status >= 400:
                 errors.add_metric(values, series.count, created=series.created)
-            by_route.setdefault((route, loss), []).append(series)
-        for (route, loss), group in by_route.items():
+            by_route.setdefault((method, route, loss), []).append(series)
+        for (method, route, loss), group in by_route.items():
             counts = [sum(s.buckets[i] for s in group) for i in range(len(LATENCY_BUCKETS) + 1)]
             cumulative = list(accumulate(counts))
             latency.add_metric(
-                [route, loss],
+                [method, route, loss],
                 list(zip(BUCKET_LABELS, cumulative, strict=True)),
                 sum(s.sum for s in group),
             )

@@ -7,13 +7,14 @@ Python object is validated per element; ``service.tensors`` decodes them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model
 
 from service.dtypes import DTYPES
-from service.errors import FieldError, InvalidPayload, quote
+from service.errors import FieldError, InvalidPayload, did_you_mean, quote
 from service.losses import LOSSES, LossSpec
 from service.tensors import FLOAT_DTYPES
 
@@ -169,7 +170,7 @@ def parse_options(
     try:
         return options_model(spec).model_validate(values).model_dump()
     except ValidationError as exc:
-        raise validation_error(exc, loc) from None
+        raise validation_error(exc, loc, spec.option_names) from None
 
 
 def parse_request(
@@ -181,18 +182,27 @@ def parse_request(
             [FieldError(loc, f"expected a JSON object, got {type(body).__name__}")]
         )
     refuse_deprecated(spec, body, loc)
+    model = request_model(spec)
     try:
-        return request_model(spec).model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
-        raise validation_error(exc, loc) from None
+        raise validation_error(exc, loc, list(model.model_fields)) from None
 
 
-def validation_error(exc: ValidationError, loc: tuple[str | int, ...]) -> InvalidPayload:
+def validation_error(
+    exc: ValidationError, loc: tuple[str | int, ...], fields: Sequence[str]
+) -> InvalidPayload:
+    """pydantic's errors as field errors; an unknown field names the closest
+    allowed one (a misspelt option) and lists them all."""
     errors = []
     for e in exc.errors(include_url=False):
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field for this loss"
+            unknown = str(e["loc"][-1])
+            msg = (
+                f"unknown field for this loss{did_you_mean(unknown, fields)}; "
+                f"allowed fields: {', '.join(fields)}"
+            )
         elif e["type"] != "missing" and "input" in e:
             msg = f"{msg}, got {quote(e['input'], 60)}"
         errors.append(FieldError((*loc, *e["loc"]), msg))
@@ -213,6 +223,11 @@ class LossResponse(BaseModel):
     device: str
     grad: dict[str, TensorOut] | None = Field(
         None, description="d loss / d argument, present only when asked for"
+    )
+    warnings: list[str] | None = Field(
+        None,
+        description="what torch warns about for this call, in its words (a target "
+        "broadcast against input, kl_div's reduction 'mean'); present only when it warns",
     )
 
 

@@ -249,11 +249,54 @@ BAD: list[tuple[str, str, dict[str, object], int, tuple[object, ...], str]] = [
     ),
     (
         "torch's own shape check",
+        "/v1/losses/gaussian_nll_loss",
+        {"input": [1.0, 2.0, 3.0], "target": [1.0, 2.0, 3.0], "var": [1.0, 2.0]},
+        422,
+        (),
+        "rejected the arguments: var is of incorrect size",
+    ),
+    (
+        # torch's "size of tensor a (2) must match ... tensor b (3)" names no field
+        "shapes that do not broadcast name both fields",
+        "/v1/losses/mse_loss",
+        {"input": [[1.0, 2.0], [3.0, 4.0]], "target": [1.0, 2.0, 3.0]},
+        422,
+        ("target",),
+        "shape [3] does not broadcast with input [2, 2]",
+    ),
+    (
+        "shapes that do not broadcast, kl_div",
         "/v1/losses/kl_div",
         {"input": [1.0, 2.0, 3.0], "target": [1.0, 2.0]},
         422,
-        (),
-        "rejected the arguments",
+        ("target",),
+        "shape [2] does not broadcast with input [3]",
+    ),
+    (
+        "fractional class target not shaped like input",
+        CE,
+        {"input": [[2, 1], [1, 2]], "target": [1.5, 0.2]},
+        422,
+        ("target",),
+        "fractional value 1.5; probability targets must have the input's shape [2, 2], got [2]",
+    ),
+    (
+        "misspelt option names the closest and lists the allowed",
+        CE,
+        {**GOOD, "label_smothing": 0.1},
+        422,
+        ("label_smothing",),
+        "unknown field for this loss (did you mean 'label_smoothing'?); allowed fields: "
+        "device, dtype, grad, grad_output, encoding, input, target, weight, ignore_index, "
+        "label_smoothing, reduction",
+    ),
+    (
+        "unknown field with no close match still lists the allowed",
+        "/v1/losses/mse_loss",
+        {"input": [1.0], "target": [1.0], "zzz": 1},
+        422,
+        ("zzz",),
+        "unknown field for this loss; allowed fields: device,",
     ),
     (
         "grad of an index argument",

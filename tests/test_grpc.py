@@ -334,3 +334,16 @@ def test_aio_client(server: Server) -> None:
     (expected,) = torch.autograd.grad(torch.nn.functional.cross_entropy(leaf, t), leaf)
     for grad in asyncio.run(run()):
         assert_same(as_tensor(grad), expected)
+
+
+def test_misspelt_names_get_the_closest_one(triton: grpcclient.InferenceServerClient) -> None:
+    """The suggestions come from the code every front door shares."""
+    x = grpc_input("input", torch.zeros(2, 3))
+    t = grpc_input("target", torch.tensor([2, 0]))
+    code, message = _status(lambda: triton.infer("cross_entropi", [x, t]))
+    assert code == "StatusCode.NOT_FOUND" and "(did you mean 'cross_entropy'?)" in message
+    code, message = _status(
+        lambda: triton.infer("cross_entropy", [x, t], parameters={"label_smothing": 0.1})
+    )
+    assert code == "StatusCode.INVALID_ARGUMENT"
+    assert "(did you mean 'label_smoothing'?)" in message

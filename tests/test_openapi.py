@@ -88,3 +88,61 @@ def test_operation_ids_are_readable_and_stable() -> None:
     assert ids[("/healthz", "get")] == "healthz"
     # no method or path suffixes generated from the route
     assert not [i for i in ids.values() if i.endswith(("_get", "_post")) or "__" in i]
+
+
+def walk(node: Any) -> Any:
+    """Every dict in a JSON document."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+def test_one_shared_tensor_schema() -> None:
+    doc = json.loads(EXPORTED.read_text())
+    tensor = doc["components"]["schemas"]["Tensor"]
+    copies = [d for d in walk(doc["paths"]) if d.get("anyOf") == tensor["anyOf"]]
+    copies += [
+        d for d in walk(doc["components"]) if d is not tensor and d.get("anyOf") == tensor["anyOf"]
+    ]
+    assert copies == []
+    refs = [d for d in walk(doc) if d.get("$ref") == "#/components/schemas/Tensor"]
+    # every tensor argument of every loss, its grad_output, and the responses
+    assert len(refs) >= sum(len(s.args) + 1 for s in LOSSES.values())
+    mse = doc["components"]["schemas"]["MSELossRequest"]["properties"]["target"]
+    assert mse["$ref"] == "#/components/schemas/Tensor" and "float role" in mse["description"]
+
+
+def test_every_documented_error_is_the_services_model_with_a_real_example() -> None:
+    doc = json.loads(EXPORTED.read_text())
+    assert "HTTPValidationError" not in json.dumps(doc)
+    client = TestClient(create_app())
+    checked = 0
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            for status, response in operation["responses"].items():
+                if not status.startswith(("4", "5")) or "content" not in response:
+                    continue
+                ((media, content),) = response["content"].items()
+                example = content["example"]
+                if path.startswith("/v2"):
+                    assert media == "application/json" and set(example) == {"error"}
+                    assert content["schema"]["$ref"] == "#/components/schemas/V2Error"
+                else:
+                    assert media == "application/problem+json", (method, path, status)
+                    assert content["schema"]["$ref"] == "#/components/schemas/Problem"
+                    assert example["status"] == int(status) and example["detail"]
+                    # its type resolves on the service (the /errors page)
+                    page, anchor = example["type"].split("#")
+                    assert f'id="{anchor}"' in client.get(page).text
+                checked += 1
+    assert checked > 100
+    # the 422 of a loss is what the service really answers to that request
+    op = doc["paths"]["/v1/losses/huber_loss"]["post"]
+    body = {**op["requestBody"]["content"]["application/json"]["example"], "reductoin": "sum"}
+    body.pop("reduction", None)
+    answer = client.post("/v1/losses/huber_loss", json=body).json()
+    assert answer == op["responses"]["422"]["content"]["application/problem+json"]["example"]

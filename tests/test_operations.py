@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from service.api import middleware
 from service.config import Settings
-from service.logs import AccessLog
+from service.logs import AccessLog, TextFormatter
 from service.main import create_app
 
 CE = "/v1/losses/cross_entropy"
@@ -109,10 +109,10 @@ def sample(client: TestClient, name: str, **labels: str) -> float:
 
 def test_metrics_counters_move(client: TestClient) -> None:
     # by route template and canonical loss name, whichever name the client used
-    ok = {"route": "/v1/losses/{name}", "loss": "cross_entropy", "status": "200"}
-    bad = {"route": "/v1/losses/{name}", "loss": "cross_entropy", "status": "422"}
-    unknown = {"route": "/v1/losses/{name}", "loss": "unknown", "status": "404"}
-    v2 = {"route": "/v2/models/{name}/infer", "loss": "mse_loss", "status": "200"}
+    ok = {"method": "POST", "route": "/v1/losses/{name}", "loss": "cross_entropy", "status": "200"}
+    bad = {"method": "POST", "route": "/v1/losses/{name}", "loss": "cross_entropy", "status": "422"}
+    unknown = {"method": "POST", "route": "/v1/losses/{name}", "loss": "unknown", "status": "404"}
+    v2 = {"method": "POST", "route": "/v2/models/{name}/infer", "loss": "mse_loss", "status": "200"}
     labels = {"ok": ok, "bad": bad, "unknown": unknown, "v2": v2}
     before = {k: sample(client, "loss_service_requests_total", **v) for k, v in labels.items()}
     errors = sample(client, "loss_service_errors_total", **bad)
@@ -314,3 +314,53 @@ def test_freed_memory_is_kept_for_the_next_large_request() -> None:
     assert second_buffer(0) == ("False", pytest.approx(16384, rel=0.1))
     kept, faults = second_buffer(512 * 1024 * 1024)
     assert kept == "True" and faults < 1000
+
+
+def test_metrics_count_describe_and_compute_of_a_loss_apart(client: TestClient) -> None:
+    route = {"route": "/v1/losses/{name}", "loss": "mse_loss", "status": "200"}
+    get_before = sample(client, "loss_service_requests_total", method="GET", **route)
+    post_before = sample(client, "loss_service_requests_total", method="POST", **route)
+    assert client.get("/v1/losses/mse_loss").status_code == 200
+    assert client.post("/v1/losses/mse_loss", json={"input": [1.0], "target": [0.0]}).is_success
+    assert client.post("/v1/losses/mse_loss", json={"input": [1.0], "target": [0.0]}).is_success
+    assert sample(client, "loss_service_requests_total", method="GET", **route) == get_before + 1
+    assert sample(client, "loss_service_requests_total", method="POST", **route) == post_before + 2
+    # a made-up method is one bounded label value, not a new series per name
+    client.request("FOOBAR", "/v1/nowhere")
+    client.request("BAZQUX", "/v1/nowhere")
+    text = client.get("/metrics").text
+    assert 'method="FOOBAR"' not in text and 'method="other"' in text
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_the_log_names_the_path_where_the_route_does_not(fmt: str) -> None:
+    lines: list[bytes] = []
+    long = "/v1/" + "x" * 5000
+    with make(log_format=fmt) as c:
+        c.app.state.runtime.access_log = AccessLog(fmt, lines.append)  # type: ignore[attr-defined]
+        c.get("/no/such path")  # unmatched
+        c.get("/", follow_redirects=False)  # a redirect
+        c.post("/v1/losses/focal_loss", json=GOOD)  # a 404 on a route
+        c.get(long)
+        c.post(CE, json=GOOD)  # matched: the route template says it all
+    lines = b"".join(lines).splitlines()  # written in batches
+    assert len(lines) == 5
+    if fmt == "json":
+        paths = [json.loads(line).get("path") for line in lines]
+    else:
+        paths = [dict(logfmt_fields(line.decode())).get("path") for line in lines]
+        assert all(b"loss=None" not in line and b"=None" not in line for line in lines)
+    assert paths[:3] == ["/no/such path", "/", "/v1/losses/focal_loss"]
+    assert paths[3] is not None and paths[3].startswith("/v1/xxx") and len(paths[3]) < 300
+    assert paths[4] is None
+
+
+def test_text_log_lines_share_the_access_logs_timestamp_style() -> None:
+    iso = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
+    record = logging.LogRecord("service", logging.INFO, "x.py", 1, "started", None, None)
+    record.fields = {"loss": None, "workers": 1}
+    text = TextFormatter().format(record)
+    assert iso.match(text) and "loss=" not in text and text.endswith("started workers=1")
+    access = AccessLog("text").line({"method": "GET", "loss": None}, 1700000000.25).decode()
+    assert iso.match(access) and access.startswith("2023-11-14T22:13:20.250Z ")
+    assert "loss=" not in access

@@ -54,3 +54,48 @@ def test_fastapi_routes_answer_as_the_dispatch_does(
     assert fast.status_code == plain.status_code
     assert fast.headers["content-type"] == plain.headers["content-type"]
     assert fast.json() == plain.json()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("DELETE", "/v1/losses/cross_entropy", "GET, POST"),  # describe and compute
+        ("PUT", "/v1/losses/CrossEntropyLoss", "GET, POST"),
+        ("GET", "/v1/batch", "POST"),
+        ("DELETE", "/v2/models/mse_loss/infer", "POST"),
+    ],
+)
+def test_405_allow_lists_every_method_of_the_route(
+    clients: tuple[TestClient, TestClient], method: str, path: str, allow: str
+) -> None:
+    for client in clients:
+        response = client.request(method, path)
+        assert response.status_code == 405, response.text
+        assert response.headers["allow"] == allow
+        for listed in allow.split(", "):  # and each method it lists is served
+            assert client.request(listed, path).status_code != 405
+
+
+def test_a_trailing_slash_is_the_same_route(clients: tuple[TestClient, TestClient]) -> None:
+    for client in clients:
+        plain = client.post("/v1/losses/cross_entropy", json=CE)
+        slashed = client.post("/v1/losses/cross_entropy/", json=CE, follow_redirects=False)
+        assert slashed.status_code == 200 and slashed.json() == plain.json()
+        infer = client.post("/v2/models/cross_entropy/infer/", json=INFER, follow_redirects=False)
+        assert infer.status_code == 200
+        described = client.get("/v1/losses/mse_loss/", follow_redirects=False)
+        assert described.status_code == 200 and described.json()["name"] == "mse_loss"
+
+
+def test_root_redirects_to_the_docs(clients: tuple[TestClient, TestClient]) -> None:
+    for client in clients:
+        response = client.get("/", follow_redirects=False)
+        assert response.status_code == 302 and response.headers["location"] == "/docs"
+
+
+def test_a_405_quotes_a_bounded_method(clients: tuple[TestClient, TestClient]) -> None:
+    method = "X" * 5000
+    for client in clients:
+        response = client.request(method, "/v1/losses/cross_entropy")
+        assert response.status_code == 405 and response.headers["allow"] == "GET, POST"
+        assert len(response.json()["detail"]) < 100

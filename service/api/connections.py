@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.api.problems import PROBLEM_TYPE, has_body
+from service.api.problems import has_body, problem_type
 from service.config import settings
 
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
@@ -165,7 +165,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         slug = REASONS[status].decode().lower().replace(" ", "-")
         body = orjson.dumps({
-            "type": f"{PROBLEM_TYPE}-{slug}",
+            "type": problem_type(slug),
             "title": REASONS[status].decode(),
             "status": status,
             "detail": detail,

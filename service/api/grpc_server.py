@@ -155,7 +155,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         route = f"/{SERVICE}/{method}"
         loss = scope.get("loss", "")
         stats = self.runtime.metrics.requests
-        stats.record(route, loss, status, duration)
+        stats.record("GRPC", route, loss, status, duration)
         extra = scope["state"].get("loss_stats") or {}
         if method == "ModelInfer" and loss:
             self.runtime.metrics.models.record(loss, status, duration, extra, time.time())

@@ -38,6 +38,24 @@ HEALTHZ = RouteLabel("/healthz")
 HEALTHZ_BODY = b'{"status":"ok"}'
 
 
+class TrailingSlash:
+    """``/v1/losses/cross_entropy/`` is ``/v1/losses/cross_entropy``: one
+    trailing slash is dropped before routing, where Starlette answered a 307
+    with an empty body (which most clients do not follow with a POST body)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if len(path) > 1 and path[-1] == "/" and scope["type"] == "http":
+            scope["path"] = path[:-1]
+            raw = scope.get("raw_path")
+            if raw and raw.endswith(b"/"):
+                scope["raw_path"] = raw[:-1]
+        await self.app(scope, receive, send)
+
+
 class HotPathDispatch:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

@@ -15,15 +15,28 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.problems import problem_body
 from service.api.routes import COMPUTE_ROUTES
 from service.api.runtime import Runtime, scope_header
-from service.errors import Unauthorized
+from service.errors import QUOTE_LIMIT, Unauthorized
 from service.logs import AccessLog
 from service.losses.registry import LOSSES, canonical_name
 
 REQUEST_ID = b"x-request-id"
 # How long a finished request may wait to be counted and logged (in a batch).
 RECORD_DELAY = 0.01
+# Methods counted under their own name; any other is "other", so a client
+# cannot grow the metrics' series with made-up methods.
+METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/static-offline-docs",
-              "/v2/health/")  # fmt: skip
+              "/v2/health/", "/errors")  # fmt: skip
+
+
+# Statuses whose log line says which path came, whatever route matched.
+LOGGED_PATH_STATUSES = frozenset({301, 302, 307, 308, 404, 405})
+
+
+def quote_path(scope: Scope) -> str:
+    """The request's path as the log shows it: at most QUOTE_LIMIT characters."""
+    path = str(scope.get("path", ""))
+    return path if len(path) <= QUOTE_LIMIT else f"{path[:QUOTE_LIMIT]}... ({len(path)} in all)"
 
 
 def _request_id(scope: Scope) -> bytes:
@@ -123,8 +136,9 @@ class ObservabilityMiddleware:
         now: float,
     ) -> bytes | None:
         route, loss = _labels(scope)
+        method, status = scope["method"], state["status"]
         stats = self.stats
-        stats.record(route, loss, state["status"], duration)
+        stats.record(method if method in METHOD_LABELS else "other", route, loss, status, duration)
         stats.body_in += state["in"]
         stats.body_out += state["out"]
         extra = scope["state"].get("loss_stats") or {}
@@ -135,17 +149,22 @@ class ObservabilityMiddleware:
             stats.tensor_out += extra["tensor_bytes_out"]
         if access_log is None:
             return None
-        return access_log.line({
+        fields: dict[str, Any] = {
                 "request_id": request_id.decode(),
-                "method": scope["method"],
+                "method": method,
                 "route": route,
                 "loss": loss or None,
-                "status": state["status"],
+                "status": status,
                 "duration_ms": round(duration * 1000, 3),
                 "bytes_in": state["in"],
                 "bytes_out": state["out"],
                 "device": extra.get("device"),
-            }, now)  # fmt: skip
+            }  # fmt: skip
+        if route == "unmatched" or status in LOGGED_PATH_STATUSES:
+            # the route template says nothing here; the path, bounded (a
+            # client chooses it) and quoted by the log format
+            fields["path"] = quote_path(scope)
+        return access_log.line(fields, now)
 
 
 class APIKeyMiddleware:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from service import version_info
+from service.api.problems import problems_page
 from service.api.runtime import runtime
 from service.api.v1 import json_response
 from service.compute import available_devices
+
+PROBLEMS_PAGE_HTML = problems_page()
 
 
 class VersionInfo(BaseModel):
@@ -35,6 +38,16 @@ def is_ready(app: FastAPI) -> bool:
 
 def build_router() -> APIRouter:
     router = APIRouter(tags=["ops"])
+
+    @router.get("/", include_in_schema=False)
+    async def root() -> Response:
+        """The interactive documentation."""
+        return RedirectResponse("/docs", status_code=302)
+
+    @router.get("/errors", response_class=HTMLResponse)
+    async def errors() -> Response:
+        """The problem types of error responses, one anchor each (/errors#invalid-payload)."""
+        return HTMLResponse(PROBLEMS_PAGE_HTML)
 
     @router.get("/healthz")
     async def healthz() -> Response:

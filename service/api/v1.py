@@ -241,6 +241,8 @@ def register_models(app: FastAPI) -> None:
     """Put the per-loss request models into the OpenAPI components."""
     from pydantic.json_schema import models_json_schema
 
+    from service.api.openapi import finish_document
+
     models = [request_model(s) for s in LOSSES.values()] + [BatchRequest]
     original = app.openapi
 
@@ -257,6 +259,7 @@ def register_models(app: FastAPI) -> None:
             op["responses"]["200"]["content"]["application/json"]["example"] = example_response(
                 spec
             )
+        schema = finish_document(schema)
         app.openapi_schema = schema
         return schema
 

@@ -218,6 +218,7 @@ register(
             "target": [0.1, 0.2, 0.7],
             "reduction": "sum",
         },
+        torch_warnings=checks.kl_div_mean_warning,
         cost=elementwise("input", "target", temps=Temps(3, 8, 6)),
     )
 )
@@ -232,6 +233,7 @@ register(
         formula="l_n = w_n |x_n - y_n|",
         description=_doc("l1_loss", "Mean absolute error."),
         example={"input": [[3, 1], [1, 0]], "target": [[1, 0], [1, 0]]},
+        torch_warnings=checks.target_size_warning,
         cost=elementwise(
             "input", "target", "weight", temps=weighted(Temps(2, 5, 4), Temps(2, 6, 4))
         ),
@@ -248,6 +250,7 @@ register(
         formula="l_n = w_n (x_n - y_n)^2",
         description=_doc("mse_loss", "Mean squared error."),
         example={"input": [[3, 1], [1, 0]], "target": [[1, 0], [1, 0]]},
+        torch_warnings=checks.target_size_warning,
         cost=elementwise(
             "input", "target", "weight", temps=weighted(Temps(1, 3, 1), Temps(2, 7, 5))
         ),
@@ -264,6 +267,7 @@ register(
         formula="l_n = 0.5 (x_n - y_n)^2 / beta if |x_n - y_n| < beta else |x_n - y_n| - 0.5 beta",
         description=_doc("smooth_l1_loss", "L1 loss with a quadratic zone around zero."),
         example={"input": [0.5, 2.0, -1.0], "target": [0, 0, 0]},
+        torch_warnings=checks.target_size_warning,
         cost=elementwise(
             "input",
             "target",
@@ -287,6 +291,7 @@ register(
         "else delta (|x_n - y_n| - 0.5 delta)",
         description=_doc("huber_loss", "Huber loss."),
         example={"input": [0.5, 2.0, -1.0], "target": [0, 0, 0], "delta": 0.5},
+        torch_warnings=checks.target_size_warning,
         cost=elementwise(
             "input", "target", "weight", temps=weighted(Temps(1, 3, 1), Temps(2, 4, 3))
         ),

@@ -219,3 +219,32 @@ def ctc(tensors: Tensors, options: Mapping[str, Any]) -> None:
     else:
         used = targets
     class_indices("targets", used, num_classes)
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def target_size_warning(tensors: Tensors, options: Mapping[str, Any]) -> list[str]:
+    """l1_loss, mse_loss, smooth_l1_loss, huber_loss: torch's UserWarning when
+    target broadcasts against input (a classic bug in the caller's code)."""
+    input, target = tensors["input"], tensors["target"]
+    assert isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)
+    if target.size() == input.size():  # the common case: one comparison
+        return []
+    return [
+        f"Using a target size ({target.size()}) that is different to the input size "
+        f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
+        "Please ensure they have the same size."
+    ]
+
+
+# torch's own text, sentences run together as torch writes them
+KL_DIV_MEAN_WARNING = (
+    "reduction: 'mean' divides the total loss by both the batch size and the support size."
+    "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
+    "'mean' will be changed to behave the same as 'batchmean' in the next major release."
+)
+
+
+def kl_div_mean_warning(tensors: Tensors, options: Mapping[str, Any]) -> list[str]:
+    return [KL_DIV_MEAN_WARNING] if options["reduction"] == "mean" else []

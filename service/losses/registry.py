@@ -22,12 +22,14 @@ from typing import Any, Literal
 
 import torch
 
-from service.errors import UnknownLoss, quote
+from service.errors import UnknownLoss, did_you_mean, quote
 from service.losses.cost import CostFn
 
 ArgRole = Literal["float", "index", "class_target", "float_or_number"]
 Tensors = dict[str, torch.Tensor | float]
 Validator = Callable[[Tensors, Mapping[str, Any]], None]
+# What torch would warn about for these arguments (its exact messages).
+Warner = Callable[[Tensors, Mapping[str, Any]], list[str]]
 
 REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
 
@@ -77,6 +79,11 @@ class LossSpec:
     cost: CostFn
     reductions: tuple[str, ...] = REDUCTIONS
     validate: Validator | None = None
+    # torch's Python warnings for a call, predicted from the checked
+    # arguments: catching them as they are raised would need
+    # warnings.catch_warnings, which swaps process-wide state and is not
+    # thread-safe (calls run in worker threads) before Python 3.14
+    torch_warnings: Warner | None = None
     # Arguments that are differentiable only for some inputs (cross_entropy's
     # target and weight, with class-probability targets): the names, and a
     # test on the decoded tensors that says when.
@@ -147,8 +154,9 @@ def resolve(name: str) -> LossSpec:
     """A canonical name or a torch.nn class name (any case) -> its spec."""
     canonical = _ALIASES.get(name.lower())
     if canonical is None:
+        suggestion = did_you_mean(name, [*LOSSES, *(s.alias for s in LOSSES.values())])
         raise UnknownLoss(
-            f"unknown loss {quote(name)}; known losses: {', '.join(sorted(LOSSES))} "
+            f"unknown loss {quote(name)}{suggestion}; known losses: {', '.join(sorted(LOSSES))} "
             "(torch.nn class names such as CrossEntropyLoss are accepted too)"
         )
     return LOSSES[canonical]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from service.compute import Argument, Evaluation, LossCall
-from service.errors import BadRequest, NotFound, invalid, quote
+from service.errors import BadRequest, NotFound, did_you_mean, invalid, quote
 from service.losses import LossSpec, TensorArg, resolve
 from service.losses.registry import canonical_name
 from service.schemas import DEPRECATED_OPTIONS, parse_options
@@ -267,9 +267,10 @@ def loss_call(request: InferRequest, encoding: str = "flat") -> LossCall:
         if key in IGNORED_PARAMETERS or key == "binary_data_output":
             continue
         if key not in allowed:
+            known = sorted(allowed - set(DEPRECATED_OPTIONS))
             raise BadRequest(
-                f"unknown parameter {quote(key)} for model {spec.name}; expected "
-                f"{', '.join(sorted(allowed - set(DEPRECATED_OPTIONS)))} or binary_data_output"
+                f"unknown parameter {quote(key)}{did_you_mean(key, known)} for model "
+                f"{spec.name}; expected {', '.join(known)} or binary_data_output"
             )
         if key in request.tensors:
             raise BadRequest(f"{quote(key)} is given both as an input and as a parameter")

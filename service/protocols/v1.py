@@ -120,6 +120,8 @@ def encode_response(evaluation: Evaluation) -> dict[str, Any]:
     }
     if call.grad is not False:
         response["grad"] = {n: encode_tensor(g, encoding) for n, g in evaluation.grads.items()}
+    if evaluation.warnings:
+        response["warnings"] = evaluation.warnings
     return response
 
 
