@@ -90,5 +90,4 @@ def test_sigterm_drains_finishes_computations_and_cuts_uploads() -> None:
         log = server_log(proc)
         assert " 500" not in log and '"status":500' not in log
     finally:
-        if proc.poll() is None:
-            stop_server(proc)
+        stop_server(proc)  # also closes its log file when it has exited already
