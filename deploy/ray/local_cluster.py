@@ -131,9 +131,11 @@ class LocalRayCluster:
         for proc in reversed(self.processes):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+        # A node that has not stopped in 10 s (it waits for its workers) is
+        # killed: its leftovers carry the marker and are killed below.
         for proc in reversed(self.processes):
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -233,3 +235,17 @@ class LocalRayCluster:
         status = self.serve_status()
         application = status["applications"].get(app) or {}
         return (application.get("deployments") or {}).get(deployment, {}).get("replica_states", {})
+
+    def ongoing_requests(self, app: str = "loss-service", deployment: str = "LossService") -> str:
+        """The requests in flight that Serve's autoscaler last computed for a
+        deployment (a private controller method: for failure messages only)."""
+        try:
+            return self.driver(
+                "from ray.serve._private.common import DeploymentID\n"
+                "from ray.serve._private.constants import SERVE_CONTROLLER_NAME\n"
+                "controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace='serve')\n"
+                "print(ray.get(controller._get_total_num_requests_for_deployment_for_testing"
+                f".remote(DeploymentID(name={deployment!r}, app_name={app!r}))))"
+            ).strip()
+        except Exception as error:  # a diagnostic must not hide the failure it explains
+            return f"unknown ({error!r:.200})"
