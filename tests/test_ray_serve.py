@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from deploy.ray.local_cluster import ROOT, LocalRayCluster
+from service.client import LossClient
 from tests.cases import CASES, assert_same, decode, encode, request_body, torch_call
 
 with warnings.catch_warnings():
@@ -46,6 +47,19 @@ RECOVER_TIMEOUT = 90.0
 UPSCALE_TIMEOUT = 90.0
 
 pytestmark = pytest.mark.timeout(600)
+
+
+def slow_ctc() -> dict[str, Any]:
+    """A CTC loss with a small body (43 kB of log_probs) and about 0.1 s of
+    compute in a replica: its time is the replica's, not the client's."""
+    g = torch.Generator().manual_seed(7)
+    T, N, C, S = 1000, 2, 4, 400
+    return {
+        "log_probs": torch.randn(T, N, C, generator=g).log_softmax(2),
+        "targets": torch.randint(1, C, (N, S), generator=g),
+        "input_lengths": torch.tensor([T] * N),
+        "target_lengths": torch.tensor([S] * N),
+    }
 
 
 def test_config_settings_are_checked() -> None:
@@ -319,9 +333,48 @@ def test_killed_replica_loses_no_retried_request_and_comes_back(cluster: LocalRa
     assert victim not in cluster.own_pids("ServeReplica:loss-service")
     after, _ = spread(cluster, requests=20)
     assert len(after) == 2 and set(after) != set(before), (before, after)
+
+    # Now a kill that finds requests in flight: four slow requests, two in each
+    # replica (one computing, one waiting: max_concurrency 1), through
+    # LossClient, which must resend what the dying replica never answered and
+    # return torch's value.
+    ctc = slow_ctc()
+    expected_ctc = torch.nn.functional.ctc_loss(**ctc)
+    answers: list[torch.Tensor | BaseException] = []
+
+    def slow_call() -> None:
+        try:
+            with LossClient(url(cluster), max_retries=10, backoff=0.2, timeout=60) as client:
+                answers.append(client.loss("ctc_loss", **ctc).value)
+        except BaseException as error:  # shown by the assertion below
+            answers.append(error)
+
+    proxy_log = next(cluster.dir.glob("session_*/logs/serve/proxy_*.log"))
+    failed_before = proxy_log.read_text(errors="replace").count("ctc_loss 500")
+    callers = [threading.Thread(target=slow_call) for _ in range(4)]
+    for t in callers:
+        t.start()
+    time.sleep(0.15)
+    os.kill(cluster.own_pids("ServeReplica:loss-service")[0], signal.SIGKILL)
+    for t in callers:
+        t.join(timeout=120)
+    assert len(answers) == 4 and all(
+        isinstance(a, torch.Tensor) and torch.equal(a, expected_ctc) for a in answers
+    ), answers
+    proxy_500s = proxy_log.read_text(errors="replace").count("ctc_loss 500") - failed_before
+    wait_for(
+        lambda: (
+            cluster.replica_states().get("RUNNING") == 2
+            and len(cluster.own_pids("ServeReplica:loss-service")) == 2
+        ),
+        RECOVER_TIMEOUT,
+        "replacement of the second killed replica",
+        cluster,
+    )
     print(
         f"\nkill: {len(results)} requests answered, retried after {dict(Counter(failures))}; "
-        f"replacement running {took:.1f} s after the load stopped"
+        f"replacement running {took:.1f} s after the load stopped; a second kill under 4 slow "
+        f"requests: all answered by LossClient, after {proxy_500s} proxy 500s"
     )
 
 
@@ -335,15 +388,7 @@ def test_load_makes_the_autoscaler_add_a_replica(cluster: LocalRayCluster) -> No
     # of compute in a replica that computes one request at a time
     # (max_concurrency 1), so nearly every thread's request is in flight at
     # any moment: about 8 in flight against a target of 2 per replica.
-    g = torch.Generator().manual_seed(7)
-    T, N, C, S = 1000, 2, 4, 400
-    slow = {
-        "log_probs": encode(torch.randn(T, N, C, generator=g).log_softmax(2), "b64"),
-        "targets": encode(torch.randint(1, C, (N, S), generator=g), "b64"),
-        "input_lengths": [T] * N,
-        "target_lengths": [S] * N,
-        "grad": True,
-    }
+    slow = {name: encode(t, "b64") for name, t in slow_ctc().items()} | {"grad": True}
     stop = threading.Event()
     errors: list[str] = []
     answered = [0]
