@@ -36,8 +36,10 @@ How values travel:
 Errors are raised as ``LossServiceError`` subclasses carrying the RFC 9457
 problem details. A 503 is retried up to ``max_retries`` times, waiting for
 its ``Retry-After`` (else ``backoff * 2**attempt`` seconds, at most
-``max_backoff``); so are connect timeouts and dropped connections. A refused
-connection is raised at once as ``ServiceUnreachableError`` naming the URL. A
+``max_backoff``); so are connect timeouts, dropped connections and a 500
+from a proxy in front (not problem+json: the computing process died). A
+refused connection is raised at once as ``ServiceUnreachableError`` naming
+the URL. A
 timeout waiting for the answer is httpx's ``ReadTimeout``, not retried (the
 server may still be computing)."""
 
@@ -666,7 +668,9 @@ class _ClientConfig:
         if attempt >= self.max_retries:
             return None
         if isinstance(outcome, httpx.Response):
-            if outcome.status_code != 503:
+            if outcome.status_code != 503 and not (
+                self.retry_connect_errors and is_proxy_500(outcome)
+            ):
                 return None
             after = retry_after_seconds(outcome.headers.get("retry-after"))
             if after is not None:
@@ -700,6 +704,15 @@ def unreachable(base_url: str, exc: Exception) -> Exception:
 # Failures where the request never reached a computation (connecting), or the
 # connection dropped; losses are stateless, so sending again is safe.
 RETRIED_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+
+
+def is_proxy_500(response: httpx.Response) -> bool:
+    """A 500 that is not the service's: the service never answers 500, and its
+    errors are problem+json. A proxy in front answers one when the process
+    computing the request died (Ray Serve's, for a replica killed before it
+    answered): as with a dropped connection, sending again is safe."""
+    content_type = response.headers.get("content-type", "")
+    return response.status_code == 500 and not content_type.startswith("application/problem+json")
 
 
 def _loss_request(

@@ -496,3 +496,26 @@ def test_async_refused_connection_is_named_too() -> None:
     for binary in (False, True):
         with pytest.raises(ServiceUnreachableError, match=url):
             asyncio.run(call(binary))
+
+
+def test_a_proxy_500_is_retried_and_the_services_own_errors_are_not() -> None:
+    """A bare 500 comes from a proxy whose replica died (Ray Serve's): retried
+    like a dropped connection; a problem+json answer is the service's own."""
+    from service.client import _ClientConfig  # here: the import block above is busy
+
+    config = _ClientConfig(
+        None, None, 3, 0.1, 1.0, 0, retry_connect_errors=True, binary_threshold=None
+    )
+    proxy_500 = httpx.Response(500, text="Internal Server Error")
+    assert config.retry_delay(0, proxy_500) == 0.1
+    assert config.retry_delay(3, proxy_500) is None
+    problem = {"type": "about:blank", "title": "Internal Server Error", "status": 500}
+    own_500 = httpx.Response(
+        500, content=json.dumps(problem), headers={"content-type": "application/problem+json"}
+    )
+    assert config.retry_delay(0, own_500) is None
+    assert config.retry_delay(0, httpx.Response(502, text="Bad Gateway")) is None
+    quiet = _ClientConfig(
+        None, None, 3, 0.1, 1.0, 0, retry_connect_errors=False, binary_threshold=None
+    )
+    assert quiet.retry_delay(0, proxy_500) is None

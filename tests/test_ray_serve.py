@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from deploy.ray.local_cluster import ROOT, LocalRayCluster
+from service.client import LossClient
 from tests.cases import CASES, assert_same, decode, encode, request_body, torch_call
 
 with warnings.catch_warnings():
@@ -46,6 +47,19 @@ RECOVER_TIMEOUT = 90.0
 UPSCALE_TIMEOUT = 90.0
 
 pytestmark = pytest.mark.timeout(600)
+
+
+def slow_ctc() -> dict[str, Any]:
+    """A CTC loss with a small body (43 kB of log_probs) and about 0.1 s of
+    compute in a replica: its time is the replica's, not the client's."""
+    g = torch.Generator().manual_seed(7)
+    T, N, C, S = 1000, 2, 4, 400
+    return {
+        "log_probs": torch.randn(T, N, C, generator=g).log_softmax(2),
+        "targets": torch.randint(1, C, (N, S), generator=g),
+        "input_lengths": torch.tensor([T] * N),
+        "target_lengths": torch.tensor([S] * N),
+    }
 
 
 def test_config_settings_are_checked() -> None:
@@ -87,7 +101,11 @@ def test_shipped_serve_configs_are_valid(name: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalRayCluster]:
-    with LocalRayCluster(nodes=2, cpus_per_node=2) as cluster:
+    # The proxy reports its requests in flight to the autoscaler every 10 s by
+    # default; every second here, so that the upscale test waits for the
+    # decision rather than for the report.
+    fast_reports = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+    with LocalRayCluster(nodes=2, cpus_per_node=2, env=fast_reports) as cluster:
         config = cluster.serve_config()
         application = config["applications"][0]
         application["args"]["settings"].update(device="cpu", log_level="warning")
@@ -124,16 +142,27 @@ def url(cluster: LocalRayCluster) -> str:
     return f"http://127.0.0.1:{cluster.http_port}"
 
 
-def wait_for(check: Any, timeout: float, what: str, cluster: LocalRayCluster) -> float:
-    """Seconds until ``check()`` held; fails with the nodes' logs after ``timeout``."""
+def wait_for(
+    check: Any,
+    timeout: float,
+    what: str,
+    cluster: LocalRayCluster,
+    context: Any = lambda: "",
+) -> float:
+    """Seconds until ``check()`` held; after ``timeout`` fails with
+    ``context()``, Serve's status and the tail of Serve's controller log (its
+    scaling decisions) and of the nodes' logs."""
     start = time.monotonic()
     while not check():
         if time.monotonic() - start > timeout:
             logs = "\n".join(
-                cluster.log_tail(p, 1500) for p in sorted(cluster.dir.glob("node*.log"))
+                cluster.log_tail(p, 1500)
+                for pattern in ("node*.log", "session_*/logs/serve/controller_*.log")
+                for p in sorted(cluster.dir.glob(pattern))
             )
             pytest.fail(
-                f"no {what} within {timeout:.0f} s; status {cluster.serve_status()}\n{logs}"
+                f"no {what} within {timeout:.0f} s; {context()}\n"
+                f"status {cluster.serve_status()}\n{logs}"
             )
         time.sleep(1)
     return time.monotonic() - start
@@ -220,21 +249,38 @@ def test_answers_equal_torch_and_the_single_process_service(
 
 
 def post_retrying(
-    client: httpx.Client, body: dict[str, Any], attempts: int = 20
-) -> tuple[httpx.Response, int]:
+    client: httpx.Client, body: dict[str, Any], failures: list[str], attempts: int = 20
+) -> httpx.Response:
     """POST mse_loss, retrying 5xx answers and broken connections (a loss is
-    a pure function: a retry is always safe); returns the answer and the
-    number of retries it took."""
-    for attempt in range(attempts):
+    a pure function: a retry is always safe); each failed attempt is added
+    to ``failures`` as its status and content type, or its exception."""
+    for _ in range(attempts):
         try:
             response = client.post("/v1/losses/mse_loss", json=body)
-        except httpx.TransportError:
+        except httpx.TransportError as error:
+            failures.append(type(error).__name__)
             time.sleep(0.2)
             continue
         if response.status_code < 500:
-            return response, attempt
+            return response
+        failures.append(f"{response.status_code} {response.headers.get('content-type')}")
         time.sleep(0.2)
-    raise AssertionError(f"no answer after {attempts} attempts")
+    raise AssertionError(f"no answer after {attempts} attempts: {failures[-attempts:]}")
+
+
+# What a request in flight on a replica that dies can get: Serve's proxy
+# answers a bare 500 (its server's own text/plain page: the replica never
+# started a response; the service itself never answers 500), or, when the
+# response had started, the connection closes; a retry can also meet a 503.
+REPLICA_DEATH_FAILURES = {
+    "500 text/plain; charset=utf-8",
+    "503 application/problem+json",  # the service's own
+    "503 text/plain",  # Serve's proxy: no replica to take it
+    "503 text/plain; charset=utf-8",
+    "RemoteProtocolError",
+    "ReadError",
+    "ConnectError",
+}
 
 
 def test_killed_replica_loses_no_retried_request_and_comes_back(cluster: LocalRayCluster) -> None:
@@ -245,16 +291,17 @@ def test_killed_replica_loses_no_retried_request_and_comes_back(cluster: LocalRa
         torch.tensor(MSE["input"], dtype=torch.float32),
         torch.tensor(MSE["target"], dtype=torch.float32),
     ).item()
-    results: list[tuple[int, float, int]] = []
+    results: list[tuple[int, float]] = []
+    failures: list[str] = []
     stop = threading.Event()
     lock = threading.Lock()
 
     def load() -> None:
         with httpx.Client(base_url=url(cluster), timeout=30) as client:
             while not stop.is_set():
-                response, retries = post_retrying(client, MSE)
+                response = post_retrying(client, MSE, failures)
                 with lock:
-                    results.append((response.status_code, response.json()["value"], retries))
+                    results.append((response.status_code, response.json()["value"]))
 
     # one request at a time: below the autoscaler's target, so that the
     # replica count only moves because of the kill
@@ -272,9 +319,8 @@ def test_killed_replica_loses_no_retried_request_and_comes_back(cluster: LocalRa
         for t in pool:
             t.join(timeout=120)
     assert len(results) > sent_at_kill + 5, "requests stopped being answered after the kill"
-    assert all(status == 200 and value == expected for status, value, _ in results), Counter(
-        (s, v) for s, v, _ in results
-    )
+    assert all(status == 200 and value == expected for status, value in results), Counter(results)
+    assert set(failures) <= REPLICA_DEATH_FAILURES, Counter(failures)
     took = wait_for(
         lambda: (
             cluster.replica_states().get("RUNNING") == 2
@@ -287,32 +333,82 @@ def test_killed_replica_loses_no_retried_request_and_comes_back(cluster: LocalRa
     assert victim not in cluster.own_pids("ServeReplica:loss-service")
     after, _ = spread(cluster, requests=20)
     assert len(after) == 2 and set(after) != set(before), (before, after)
+
+    # Now a kill that finds requests in flight: four slow requests, two in each
+    # replica (one computing, one waiting: max_concurrency 1), through
+    # LossClient, which must resend what the dying replica never answered and
+    # return torch's value.
+    ctc = slow_ctc()
+    expected_ctc = torch.nn.functional.ctc_loss(**ctc)
+    answers: list[torch.Tensor | BaseException] = []
+
+    def slow_call() -> None:
+        try:
+            with LossClient(url(cluster), max_retries=10, backoff=0.2, timeout=60) as client:
+                answers.append(client.loss("ctc_loss", **ctc).value)
+        except BaseException as error:  # shown by the assertion below
+            answers.append(error)
+
+    proxy_log = next(cluster.dir.glob("session_*/logs/serve/proxy_*.log"))
+    failed_before = proxy_log.read_text(errors="replace").count("ctc_loss 500")
+    callers = [threading.Thread(target=slow_call) for _ in range(4)]
+    for t in callers:
+        t.start()
+    time.sleep(0.15)
+    os.kill(cluster.own_pids("ServeReplica:loss-service")[0], signal.SIGKILL)
+    for t in callers:
+        t.join(timeout=120)
+    assert len(answers) == 4 and all(
+        isinstance(a, torch.Tensor) and torch.equal(a, expected_ctc) for a in answers
+    ), answers
+    proxy_500s = proxy_log.read_text(errors="replace").count("ctc_loss 500") - failed_before
+    wait_for(
+        lambda: (
+            cluster.replica_states().get("RUNNING") == 2
+            and len(cluster.own_pids("ServeReplica:loss-service")) == 2
+        ),
+        RECOVER_TIMEOUT,
+        "replacement of the second killed replica",
+        cluster,
+    )
     print(
-        f"\nkill: {len(results)} requests answered, {sum(r for *_, r in results)} retries; "
-        f"replacement running {took:.1f} s after the load stopped"
+        f"\nkill: {len(results)} requests answered, retried after {dict(Counter(failures))}; "
+        f"replacement running {took:.1f} s after the load stopped; a second kill under 4 slow "
+        f"requests: all answered by LossClient, after {proxy_500s} proxy 500s"
     )
 
 
 def test_load_makes_the_autoscaler_add_a_replica(cluster: LocalRayCluster) -> None:
     assert cluster.replica_states().get("RUNNING") == 2
-    # requests that take a while, so that several are in flight per replica
-    g = torch.Generator().manual_seed(7)
-    heavy = {
-        "input": encode(torch.randn(512, 1000, generator=g), "b64"),
-        "target": encode(torch.randint(0, 1000, (512,), generator=g), "b64"),
-        "grad": True,
-    }
+    # The autoscaler counts requests in flight at Serve's proxy. A request with
+    # a big body spends most of its time in this process's client threads
+    # (building and reading megabytes under one GIL), so on a loaded machine 6
+    # such threads kept only 2 to 3 requests in flight: below the 4 that ask for
+    # a third replica. A CTC loss is the opposite: a 43 kB body and about 0.1 s
+    # of compute in a replica that computes one request at a time
+    # (max_concurrency 1), so nearly every thread's request is in flight at
+    # any moment: about 8 in flight against a target of 2 per replica.
+    slow = {name: encode(t, "b64") for name, t in slow_ctc().items()} | {"grad": True}
     stop = threading.Event()
     errors: list[str] = []
+    answered = [0]
 
     def load() -> None:
         with httpx.Client(base_url=url(cluster), timeout=60) as client:
             while not stop.is_set():
-                response = client.post("/v1/losses/cross_entropy", json=heavy)
-                if response.status_code != 200:
+                try:
+                    response = client.post("/v1/losses/ctc_loss", json=slow)
+                except httpx.TransportError as error:  # shown below, not lost with the thread
+                    errors.append(repr(error))
+                    time.sleep(0.2)
+                    continue
+                if response.status_code == 200:
+                    answered[0] += 1
+                else:
                     errors.append(f"{response.status_code} {response.text[:200]}")
+                    time.sleep(0.2)
 
-    pool = [threading.Thread(target=load) for _ in range(6)]
+    pool = [threading.Thread(target=load) for _ in range(8)]
     for t in pool:
         t.start()
     try:
@@ -321,12 +417,24 @@ def test_load_makes_the_autoscaler_add_a_replica(cluster: LocalRayCluster) -> No
             UPSCALE_TIMEOUT,
             "third replica under load",
             cluster,
+            lambda: (
+                f"load: {answered[0]} answered, {len(errors)} errors {errors[:5]}; "
+                f"requests in flight as the autoscaler saw them: {cluster.ongoing_requests()}"
+            ),
         )
     finally:
         stop.set()
         for t in pool:
             t.join(timeout=120)
     assert not errors, errors[:5]
-    replicas, _ = spread(cluster, requests=60, threads=6)
-    assert len(replicas) == 3, replicas
-    print(f"\nautoscaler: a third replica RUNNING {took:.1f} s after the load started")
+    # the proxy learns of the new replica shortly after the controller does
+    wait_for(
+        lambda: len(spread(cluster, requests=30, threads=6)[0]) == 3,
+        30,
+        "answers from all 3 replicas",
+        cluster,
+    )
+    print(
+        f"\nautoscaler: a third replica RUNNING {took:.1f} s after the load started "
+        f"({answered[0]} requests answered meanwhile)"
+    )

@@ -127,17 +127,49 @@ class LocalRayCluster:
     def log_tail(self, path: Path, chars: int = 3000) -> str:
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
+    def descendants(self) -> set[tuple[int, str]]:
+        """Every live process below this cluster's ``ray start`` processes.
+        Ray's dashboard and runtime-env agents start with an environment of
+        their own (no marker), and can outlive their raylet: found this way
+        while their parents still live, they are killed with the rest. Each
+        comes with its start time, so that a reused pid is never killed."""
+        children: dict[int, list[tuple[int, str]]] = {}
+        for entry in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                # fields after the parenthesised name: state, ppid, ..., starttime (20th)
+                fields = entry.read_text().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append((int(entry.parent.name), fields[19]))
+            except (OSError, IndexError, ValueError):
+                continue
+        found: set[tuple[int, str]] = set()
+        todo = [proc.pid for proc in self.processes if proc.poll() is None]
+        while todo:
+            parent = todo.pop()
+            for child in children.get(parent, []):
+                if child not in found:
+                    found.add(child)
+                    todo.append(child[0])
+        return found
+
     def stop(self) -> None:
+        tree = self.descendants()
         for proc in reversed(self.processes):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+        # A node that has not stopped in 10 s (it waits for its workers) is
+        # killed: its leftovers carry the marker and are killed below.
         for proc in reversed(self.processes):
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
         self.processes.clear()
+        for pid, started in tree:
+            with contextlib.suppress(OSError, IndexError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[19] == started:
+                    os.kill(pid, signal.SIGKILL)
         for _ in range(2):
             if not self.kill_strays():
                 break
@@ -233,3 +265,17 @@ class LocalRayCluster:
         status = self.serve_status()
         application = status["applications"].get(app) or {}
         return (application.get("deployments") or {}).get(deployment, {}).get("replica_states", {})
+
+    def ongoing_requests(self, app: str = "loss-service", deployment: str = "LossService") -> str:
+        """The requests in flight that Serve's autoscaler last computed for a
+        deployment (a private controller method: for failure messages only)."""
+        try:
+            return self.driver(
+                "from ray.serve._private.common import DeploymentID\n"
+                "from ray.serve._private.constants import SERVE_CONTROLLER_NAME\n"
+                "controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace='serve')\n"
+                "print(ray.get(controller._get_total_num_requests_for_deployment_for_testing"
+                f".remote(DeploymentID(name={deployment!r}, app_name={app!r}))))"
+            ).strip()
+        except Exception as error:  # a diagnostic must not hide the failure it explains
+            return f"unknown ({error!r:.200})"

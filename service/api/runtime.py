@@ -278,7 +278,15 @@ class Runtime:
         if held is not None:
             held.pin()
 
+        # Taken once: by the worker thread as it starts the computation, or
+        # by this request when it ends before that (cancelled, e.g. by Ray
+        # Serve when the client disconnects, or timed out): anyio then never
+        # runs ``work``, and the slot would otherwise be lost for good.
+        claim = threading.Lock()
+
         def work() -> T:
+            if not claim.acquire(blocking=False):
+                raise asyncio.CancelledError  # the request is gone: nobody reads this
             try:
                 return func(*args)
             finally:
@@ -288,10 +296,16 @@ class Runtime:
                 with contextlib.suppress(RuntimeError):  # the loop is gone at shutdown
                     loop.call_soon_threadsafe(self._release, token)
 
-        with anyio.move_on_after(self.settings.compute_timeout) as ran:
-            return await anyio.to_thread.run_sync(
-                work, abandon_on_cancel=True, limiter=self.threads
-            )
+        try:
+            with anyio.move_on_after(self.settings.compute_timeout) as ran:
+                return await anyio.to_thread.run_sync(
+                    work, abandon_on_cancel=True, limiter=self.threads
+                )
+        finally:
+            if claim.acquire(blocking=False):  # ``work`` never started and never will
+                if held is not None:
+                    held.unpin()
+                self._release(token)
         assert ran.cancelled_caught
         raise Overloaded(
             f"the computation took longer than {self.settings.compute_timeout:g} s "
