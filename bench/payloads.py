@@ -94,12 +94,22 @@ def v2_binary(t: Tensors, **parameters: Any) -> Body:
     )
 
 
+def v2_json(t: Tensors) -> Body:
+    """The OIP v2 JSON form: nested ``data`` (written as ``nested`` writes it), JSON output."""
+    inputs = [
+        {"name": "input", "shape": list(t.logits.shape), "datatype": "FP32", "data": t.logits},
+        {"name": "target", "shape": list(t.target.shape), "datatype": "INT64", "data": t.target},
+    ]
+    return Body("v2 JSON", orjson.dumps({"inputs": inputs}, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
 @dataclass(frozen=True)
 class Payloads:
     small: Tensors
     large: Tensors
     small_nested: Body
     small_v2: Body
+    small_v2_json: Body
     large_nested: Body
     large_nested_grad: Body
     large_b64: Body
@@ -121,6 +131,7 @@ def build() -> Payloads:
         large=large,
         small_nested=Body("small nested", nested(small)),
         small_v2=v2_binary(small),
+        small_v2_json=v2_json(small),
         large_nested=Body("large nested", nested(large)),
         large_nested_grad=Body("large nested grad", nested(large, grad=True)),
         large_b64=Body("large b64", b64(large)),

@@ -250,7 +250,8 @@ def _decode_json_data(
             f"data holds {tensor.numel()}"
         )
     budget.take(name, 0, extent)  # the data's elements are counted; the shape's span too
-    return tensor.reshape(shape)
+    # nested data has its shape already, and a reshape costs a torch call
+    return tensor if tensor.shape == tuple(shape) else tensor.reshape(shape)
 
 
 def _tensor_parameters(item: dict[str, Any], what: str, known: tuple[str, ...]) -> dict[str, Any]:
