@@ -14,6 +14,7 @@ exception types, so a caller sees the same errors from either path.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import threading
@@ -73,22 +74,29 @@ class Reply:
         """Body bytes not read yet (None when the server sent no Content-Length)."""
         return self._response.length
 
-    def read_into(self, buffer: memoryview) -> None:
-        """Fill ``buffer`` from the body: the next ``buffer.nbytes`` bytes."""
-        flat = buffer.cast("B") if buffer.ndim != 1 or buffer.format != "B" else buffer
-        position = 0
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Failures while reading the body as httpx's exceptions; the
+        connection, in an unknown state then, is dropped."""
         try:
-            while position < flat.nbytes:
-                got = self._response.readinto(flat[position : position + PIECE])
-                if not got:
-                    raise httpx.RemoteProtocolError("the server closed the connection early")
-                position += got
+            yield
         except TimeoutError:
             self._discard()
             raise httpx.ReadTimeout(f"no response data within {self._timeout.read} s") from None
         except (http.client.HTTPException, OSError) as exc:
             self._discard()
             raise httpx.RemoteProtocolError(f"reading the response: {exc!r}") from exc
+
+    def read_into(self, buffer: memoryview) -> None:
+        """Fill ``buffer`` from the body: the next ``buffer.nbytes`` bytes."""
+        flat = buffer.cast("B") if buffer.ndim != 1 or buffer.format != "B" else buffer
+        position = 0
+        with self._reading():
+            while position < flat.nbytes:
+                got = self._response.readinto(flat[position : position + PIECE])
+                if not got:
+                    raise httpx.RemoteProtocolError("the server closed the connection early")
+                position += got
 
     def read_all(self, limit: int | None = None) -> bytes:
         """The rest of the body (at most ``limit`` bytes, then the connection is dropped)."""
@@ -97,14 +105,8 @@ class Reply:
             data = bytearray(length)
             self.read_into(memoryview(data))
             return bytes(data)
-        try:
+        with self._reading():
             data_read = self._response.read(limit) if limit is not None else self._response.read()
-        except TimeoutError:
-            self._discard()
-            raise httpx.ReadTimeout(f"no response data within {self._timeout.read} s") from None
-        except (http.client.HTTPException, OSError) as exc:
-            self._discard()
-            raise httpx.RemoteProtocolError(f"reading the response: {exc!r}") from exc
         if limit is not None:
             self._discard()  # the unread rest would corrupt the next exchange
         return data_read

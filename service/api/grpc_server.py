@@ -284,16 +284,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     # ------------------------------------------------------------- shared memory (section 11)
 
+    def _region_status(self, kind: str, name: str, response: Any) -> Any:
+        """``response`` (a System- or CudaSharedMemoryStatusResponse) filled
+        with the registered regions of ``kind`` (all, or the one named)."""
+        for region in self.runtime.regions.status(kind, name or None):
+            response.regions[region["name"]].CopyFrom(type(response).RegionStatus(**region))
+        return response
+
     @rpc
     async def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest, context: Any, scope: dict[str, Any]
     ) -> pb.SystemSharedMemoryStatusResponse:
-        response = pb.SystemSharedMemoryStatusResponse()
-        for region in self.runtime.regions.status("system", request.name or None):
-            response.regions[region["name"]].CopyFrom(
-                pb.SystemSharedMemoryStatusResponse.RegionStatus(**region)
-            )
-        return response
+        return self._region_status("system", request.name, pb.SystemSharedMemoryStatusResponse())
 
     @rpc
     async def SystemSharedMemoryRegister(
@@ -315,12 +317,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest, context: Any, scope: dict[str, Any]
     ) -> pb.CudaSharedMemoryStatusResponse:
-        response = pb.CudaSharedMemoryStatusResponse()
-        for region in self.runtime.regions.status("cuda", request.name or None):
-            response.regions[region["name"]].CopyFrom(
-                pb.CudaSharedMemoryStatusResponse.RegionStatus(**region)
-            )
-        return response
+        return self._region_status("cuda", request.name, pb.CudaSharedMemoryStatusResponse())
 
     @rpc
     async def CudaSharedMemoryRegister(
