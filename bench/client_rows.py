@@ -13,7 +13,13 @@ requests take in turn:
 
 and, for the transport alone against the bare app, the client's connection
 code (service.transfer, as LossClient uses it) sending the body, and reading a
-response of the gradient's size into a tensor, beside curl doing the same.
+response of the gradient's size into a new tensor, beside curl doing the same.
+That tensor comes from a ResultCache of LossClient's default size, as a large
+result does; the one before it was dropped, so its block is read into again
+(a loop over results the caller drops; under 32 MiB, results come from
+torch.empty, cache or not). Context columns: the cache off (fresh memory),
+reading into one tensor kept throughout, and writing as many bytes into fresh
+memory without a socket.
 
 Run only these rows: ``scripts/bench --client-only`` (or ``taskset -c 1
 .venv/bin/python -m bench.client_rows``). Servers run on core 0, this driver and
@@ -42,7 +48,14 @@ import torch.nn.functional as F
 from bench import load
 from bench.load import BenchError, Server
 from service import transfer
-from service.client import BinaryRequest, LossClient, binary_request, receive_buffer
+from service.client import (
+    DEFAULT_RESULT_CACHE_BYTES,
+    BinaryRequest,
+    LossClient,
+    ResultCache,
+    binary_request,
+    receive_buffer,
+)
 
 RESULTS = load.ROOT / "bench" / "results"
 SIZES = {"[4096, 1000]": 4096, "[16384, 1000] (body near the 64 MiB limit)": 16384}
@@ -176,14 +189,15 @@ def transport_rows(
             f.write(part)
     down = {"x-response-bytes": str(x.nbytes)}
     pool = transfer.ConnectionPool(bare.base, httpx.Timeout(600))
+    results = ResultCache(DEFAULT_RESULT_CACHE_BYTES)
 
     def upload() -> None:
         with pool.request("POST", "/", request.parts, request.length, request.headers()) as r:
             r.read_all()
 
-    def download() -> None:
+    def download(cache: ResultCache | None) -> None:
         with pool.request("POST", "/", [], 0, down) as r:
-            tensor = receive_buffer(list(x.shape), torch.float32)
+            tensor = receive_buffer(list(x.shape), torch.float32, cache)
             r.read_into(tensor.view(-1).view(torch.uint8).numpy().data)
 
     reused = torch.empty(x.shape, dtype=torch.float32)
@@ -202,8 +216,9 @@ def transport_rows(
                 "touch": timed(touch),
                 "client up": timed(upload),
                 "curl up": lambda: curl(bare.base + "/", path, request.headers()),
-                "client down": timed(download),
+                "client down": timed(lambda: download(results)),
                 "curl down": lambda: curl(bare.base + "/", None, down),
+                "client down fresh": timed(lambda: download(None)),
                 "client down reused": timed(download_reused),
             },
             repeats,
@@ -218,12 +233,13 @@ def transport_rows(
     res.rows.append(
         Row(
             f"{label}, transport only: {x.nbytes / 1e6:.1f} MB down from the bare app "
-            "(client: into a new tensor; curl: to /dev/null)",
+            "(client: into a new tensor from LossClient's result cache; curl: to /dev/null)",
             times["client down"],
             times["curl down"],
             {
+                "client with the result cache off (fresh memory)": times["client down fresh"],
                 "client into one reused tensor (the transport alone)": times["client down reused"],
-                "writing as many bytes into a new tensor, no socket": times["touch"],
+                "writing as many bytes into fresh memory, no socket": times["touch"],
             },
         )
     )
@@ -256,7 +272,8 @@ def report_lines(res: ClientResults, repeats: int) -> list[str]:
         "",
         f"Median of {repeats} requests per column, taken in turn after one warm-up each. "
         "Client = `LossClient.loss(...)` (its /v2 binary call: encode, send, compute, "
-        "receive into new tensors, results checked bit-equal to torch in-process); curl = "
+        "receive into new tensors, large ones over its result cache's blocks, results checked "
+        "bit-equal to torch in-process); curl = "
         "the same bytes, response to /dev/null. Transport rows: the client's connection "
         "code (`service.transfer`) against the bare app.",
         "",

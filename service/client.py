@@ -28,7 +28,9 @@ How values travel:
 - large tensors (``binary_threshold`` bytes and more) go as a /v2 request
   with the binary extension, both ways, over the client's own connections
   (``service.transfer``) when it owns its transport; see ``binary_request``
-  for what stays on /v1.
+  for what stays on /v1. Results of 32 MiB and more are read into memory
+  an earlier result no longer uses, when there is some (``ResultCache``,
+  bounded by ``result_cache_bytes``).
 - result tensors are put on the device of the first torch tensor argument
   (the CPU when there is none); the server's device is the ``device``
   option and is reported in ``LossResult.device``.
@@ -55,6 +57,7 @@ import mmap
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -83,6 +86,7 @@ __all__ = [
     "LossServiceError",
     "NotFoundError",
     "PayloadTooLargeError",
+    "ResultCache",
     "ServiceUnavailableError",
     "ServiceUnreachableError",
     "UnknownLossError",
@@ -565,33 +569,132 @@ HUGE_PAGES = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux
 # Below glibc's largest mmap threshold (32 MiB on 64-bit), torch.empty reuses
 # the heap pages an earlier result freed, already faulted in: 16 MB took 1.5
 # ms so, against 3.7 ms for a fresh huge-page mapping (65 MB: 44 ms, against
-# 18 ms; glibc maps every block that large afresh).
+# 18 ms; glibc maps every block that large afresh). From it on, results come
+# from a ResultCache: the pages of a result the caller dropped, else a fresh
+# huge-page mapping.
 HUGE_PAGE_FROM = 32 << 20  # bytes
+HUGE_PAGE = 2 << 20  # a cached block is whole transparent huge pages (x86-64's size)
+DEFAULT_RESULT_CACHE_BYTES = 256 << 20
 
 
-def receive_buffer(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """A new tensor for received bytes. A large one is mapped with transparent
-    huge pages asked for: its first touch (the receive) then faults in 2 MiB
-    pages, not 4 KiB ones; measured here, 64 MB went from 58 ms to 20 ms,
-    which is most of what reading a large gradient costs. The tensor keeps
-    the mapping alive."""
+def huge_page_block(size: int) -> mmap.mmap:
+    """Fresh anonymous memory with transparent huge pages asked for: its first
+    touch (the receive) then faults in 2 MiB pages, not 4 KiB ones; measured
+    here, 64 MB went from 58 ms to 20 ms."""
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if HUGE_PAGES is not None:
+        with contextlib.suppress(OSError):  # a kernel without THP: 4 KiB pages as usual
+            mapping.madvise(HUGE_PAGES)
+    return mapping
+
+
+class ResultCache:
+    """The memory of large results (``HUGE_PAGE_FROM`` bytes and more), kept
+    for the next one: a block whose result the caller has dropped is handed
+    out again, its pages already faulted in, instead of mapping fresh memory
+    (which a 65 MB download paid for with page faults and huge-page zeroing:
+    13 ms against 9 ms here, and far more on a loaded machine).
+
+    A block is free when nothing but the cache references it: a tensor made
+    over it with ``torch.frombuffer`` holds one reference through its storage,
+    and so does every view of that tensor, its ``.numpy()`` and what was
+    built on those, until the last of them dies. A block something still
+    references is never handed out, so results never share memory.
+
+    Blocks are sized in whole 2 MiB huge pages (the result's bytes rounded
+    up), and a result takes a free block of exactly its rounded size, the one
+    used longest ago: a loop whose results keep their shapes finds its blocks
+    again, shapes within 2 MiB of each other share them, and a small result
+    never holds a large block. The cache holds at most ``limit`` bytes of
+    blocks, in use or free; making room, it lets go of the free blocks used
+    longest ago, and a result it has no room for gets fresh memory the cache
+    does not keep. ``limit`` 0 keeps nothing. Thread-safe."""
+
+    def __init__(self, limit: int = DEFAULT_RESULT_CACHE_BYTES) -> None:
+        if limit < 0:
+            raise ValueError(f"result_cache_bytes must be 0 or more, not {limit}")
+        self.limit = limit
+        self._blocks: list[mmap.mmap] = []  # used longest ago first
+        # an object only the cache references, held as a block is: what a free
+        # block's reference count reads, whatever the interpreter's counting
+        self._alone: list[object] = [object()]
+        self._lock = threading.Lock()
+
+    def block(self, nbytes: int) -> mmap.mmap:
+        """Memory for a result of ``nbytes`` bytes (at least that long)."""
+        size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+        with self._lock:
+            for index in range(len(self._blocks)):
+                if len(self._blocks[index]) == size and self._free(index):
+                    block = self._blocks.pop(index)
+                    self._blocks.append(block)
+                    return block
+            if not self._make_room(size):
+                return huge_page_block(nbytes)
+            block = huge_page_block(size)
+            self._blocks.append(block)
+            return block
+
+    @property
+    def held_bytes(self) -> int:
+        """The bytes of the blocks the cache holds, in use or free."""
+        with self._lock:
+            return sum(len(block) for block in self._blocks)
+
+    def clear(self) -> None:
+        """Let go of every block; one still in use lives on with its tensors.
+        (Never ``close()`` a block: torch does not lock the mapping, and a
+        tensor over a closed one would read unmapped memory.)"""
+        with self._lock:
+            self._blocks.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._blocks)
+
+    def _free(self, index: int) -> bool:
+        # the same expression for the block and for the object only the cache holds
+        return sys.getrefcount(self._blocks[index]) <= sys.getrefcount(self._alone[0])
+
+    def _make_room(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit under the limit, after letting go of
+        free blocks, longest unused first, as far as that takes."""
+        if size > self.limit:
+            return False  # never: keep what is cached
+        held = sum(len(block) for block in self._blocks)
+        index = 0
+        while held + size > self.limit and index < len(self._blocks):
+            if self._free(index):
+                held -= len(self._blocks.pop(index))
+            else:
+                index += 1
+        return held + size <= self.limit
+
+
+def receive_buffer(
+    shape: list[int], dtype: torch.dtype, cache: ResultCache | None = None
+) -> torch.Tensor:
+    """A new tensor for received bytes: under ``HUGE_PAGE_FROM`` bytes from
+    torch.empty; from it on over a block of ``cache`` (else fresh huge-page
+    memory), which the tensor keeps alive."""
     numel = math.prod(shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if HUGE_PAGES is None or numel * itemsize < HUGE_PAGE_FROM:
+    nbytes = numel * itemsize
+    if HUGE_PAGES is None or nbytes < HUGE_PAGE_FROM:
         return torch.empty(shape, dtype=dtype)
-    mapping = mmap.mmap(-1, numel * itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(OSError):  # a kernel without THP: 4 KiB pages as usual
-        mapping.madvise(HUGE_PAGES)
-    return torch.frombuffer(mapping, dtype=dtype, count=numel).reshape(shape)
+    block = cache.block(nbytes) if cache is not None else huge_page_block(nbytes)
+    return torch.frombuffer(block, dtype=dtype, count=numel).reshape(shape)
 
 
 def decode_binary_result(
     reader: transfer.Reply | _BodyReader,
     headers: httpx.Headers,
     device: torch.device,
+    cache: ResultCache | None = None,
 ) -> LossResult:
     """A /v2 binary response -> a LossResult: each output's bytes are read
-    straight into a new tensor of its dtype, then moved to ``device``."""
+    straight into a new tensor of its dtype (a large one over a block of
+    ``cache``: see receive_buffer), then moved to ``device``."""
     length = int(headers.get(HEADER_LENGTH.lower(), "-1"))
     if length < 0:
         raise httpx.RemoteProtocolError(f"a /v2 answer without {HEADER_LENGTH}")
@@ -606,7 +709,7 @@ def decode_binary_result(
         if size is None:
             tensor = _from_values(output["data"], dtype).reshape(shape)
         else:
-            tensor = receive_buffer(shape, torch.uint8 if dtype == torch.bool else dtype)
+            tensor = receive_buffer(shape, torch.uint8 if dtype == torch.bool else dtype, cache)
             if size != tensor.nbytes:
                 raise httpx.RemoteProtocolError(
                     f"output {output['name']}: {size} bytes for shape {shape} {dtype}"
@@ -771,7 +874,10 @@ def _pool(base_url: str, transport: object, timeout: float | httpx.Timeout | Non
 
 
 def _pool_exchange(
-    pool: transfer.ConnectionPool, headers: Mapping[str, str], request: BinaryRequest
+    pool: transfer.ConnectionPool,
+    headers: Mapping[str, str],
+    request: BinaryRequest,
+    cache: ResultCache,
 ) -> LossResult | httpx.Response:
     """One binary call over the pool: the result, or the error answer."""
     sent = {**headers, **request.headers()}
@@ -779,7 +885,7 @@ def _pool_exchange(
         if reply.status != 200:
             content = reply.read_all(transfer.MAX_ERROR_BODY)
             return httpx.Response(reply.status, headers=reply.headers, content=content)
-        return decode_binary_result(reply, reply.headers, request.device)
+        return decode_binary_result(reply, reply.headers, request.device, cache)
 
 
 def _http_binary_headers(request: BinaryRequest) -> dict[str, str]:
@@ -794,7 +900,15 @@ async def _async_pieces(parts: list[memoryview]) -> Any:
 class LossClient(LossMethods):
     """A synchronous client for loss-service (one httpx.Client; use it as a
     context manager or call ``close()``). Besides ``loss(name, ...)``, each
-    loss is a typed method: ``client.cross_entropy(input, target, ...)``."""
+    loss is a typed method: ``client.cross_entropy(input, target, ...)``.
+
+    ``result_cache_bytes`` (256 MiB; 0 turns it off) bounds the client's
+    ``result_cache``: the memory of binary results of 32 MiB and more, reused
+    for the next large result once every tensor over it (the result, its
+    views, its ``.numpy()``) is gone, so that a loop over large gradients
+    does not fault in fresh pages each call. The cache never holds more than
+    that many bytes, in use or free; ``close()`` lets go of them. Results
+    never share memory; a lock guards the cache against concurrent calls."""
 
     def __init__(
         self,
@@ -810,6 +924,7 @@ class LossClient(LossMethods):
         retry_connect_errors: bool = True,
         headers: Mapping[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
+        result_cache_bytes: int = DEFAULT_RESULT_CACHE_BYTES,
     ) -> None:
         self._settings = _ClientConfig(
             base_url, api_key, max_retries, backoff, max_backoff, b64_threshold,
@@ -823,10 +938,16 @@ class LossClient(LossMethods):
             transport=transport,
         )
         self._pool = _pool(self._settings.base_url, transport, timeout)
+        self._results = ResultCache(result_cache_bytes)
 
     @property
     def base_url(self) -> str:
         return self._settings.base_url
+
+    @property
+    def result_cache(self) -> ResultCache:
+        """The blocks large binary results are read into (``result_cache_bytes``)."""
+        return self._results
 
     def loss(self, name: str, /, **fields: Any) -> LossResult:
         """Evaluate ``torch.nn.functional.<name>``: tensor arguments and options
@@ -875,7 +996,7 @@ class LossClient(LossMethods):
             outcome: LossResult | httpx.Response | Exception
             try:
                 if self._pool is not None:
-                    outcome = _pool_exchange(self._pool, self._headers, request)
+                    outcome = _pool_exchange(self._pool, self._headers, request, self._results)
                 else:
                     response = self._http.post(
                         request.path,
@@ -886,7 +1007,9 @@ class LossClient(LossMethods):
                     outcome = response
                     if response.status_code == 200:
                         reader = _BodyReader(response.content)
-                        outcome = decode_binary_result(reader, response.headers, request.device)
+                        outcome = decode_binary_result(
+                            reader, response.headers, request.device, self._results
+                        )
             except httpx.TransportError as exc:
                 outcome = exc
             if isinstance(outcome, LossResult):
@@ -903,6 +1026,7 @@ class LossClient(LossMethods):
         self._http.close()
         if self._pool is not None:
             self._pool.close()
+        self._results.clear()
 
     def __enter__(self) -> Self:
         return self
@@ -914,7 +1038,8 @@ class LossClient(LossMethods):
 class AsyncLossClient(AsyncLossMethods):
     """The asyncio twin of LossClient (one httpx.AsyncClient; ``async with``
     or ``await aclose()``). Binary calls over its own connections run in a
-    worker thread (``asyncio.to_thread``), so the event loop stays free."""
+    worker thread (``asyncio.to_thread``), so the event loop stays free.
+    ``result_cache_bytes``: as on LossClient."""
 
     def __init__(
         self,
@@ -930,6 +1055,7 @@ class AsyncLossClient(AsyncLossMethods):
         retry_connect_errors: bool = True,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        result_cache_bytes: int = DEFAULT_RESULT_CACHE_BYTES,
     ) -> None:
         self._settings = _ClientConfig(
             base_url, api_key, max_retries, backoff, max_backoff, b64_threshold,
@@ -943,10 +1069,16 @@ class AsyncLossClient(AsyncLossMethods):
             transport=transport,
         )
         self._pool = _pool(self._settings.base_url, transport, timeout)
+        self._results = ResultCache(result_cache_bytes)
 
     @property
     def base_url(self) -> str:
         return self._settings.base_url
+
+    @property
+    def result_cache(self) -> ResultCache:
+        """The blocks large binary results are read into (``result_cache_bytes``)."""
+        return self._results
 
     async def loss(self, name: str, /, **fields: Any) -> LossResult:
         """See LossClient.loss."""
@@ -995,7 +1127,7 @@ class AsyncLossClient(AsyncLossMethods):
             try:
                 if self._pool is not None:
                     outcome = await asyncio.to_thread(
-                        _pool_exchange, self._pool, self._headers, request
+                        _pool_exchange, self._pool, self._headers, request, self._results
                     )
                 else:
                     response = await self._http.post(
@@ -1006,7 +1138,9 @@ class AsyncLossClient(AsyncLossMethods):
                     outcome = response
                     if response.status_code == 200:
                         reader = _BodyReader(response.content)
-                        outcome = decode_binary_result(reader, response.headers, request.device)
+                        outcome = decode_binary_result(
+                            reader, response.headers, request.device, self._results
+                        )
             except httpx.TransportError as exc:
                 outcome = exc
             if isinstance(outcome, LossResult):
@@ -1023,6 +1157,7 @@ class AsyncLossClient(AsyncLossMethods):
         await self._http.aclose()
         if self._pool is not None:
             self._pool.close()
+        self._results.clear()
 
     async def __aenter__(self) -> Self:
         return self

@@ -6,6 +6,7 @@ to torch in-process; errors, retries and the /v1 fallbacks of that path."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,12 +17,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from service import client as client_module
 from service.client import (
+    HUGE_PAGE,
+    HUGE_PAGES,
     AsyncLossClient,
     InvalidPayloadError,
     LossClient,
     LossResult,
     PayloadTooLargeError,
+    ResultCache,
+    receive_buffer,
 )
 from tests.conftest import start_server, stop_server
 from tests.device import DEVICE
@@ -398,3 +404,240 @@ def test_a_misspelt_option_is_the_same_422_as_on_v1(live_server: str) -> None:
             with pytest.raises(InvalidPayloadError) as caught:
                 client.loss("cross_entropy", input=tensors[0], target=tensors[1], smoothing=0.1)
             assert caught.value.errors and caught.value.errors[0]["loc"] == ["body", "smoothing"]
+
+
+# --------------------------------------------------------------------------- the result cache
+
+needs_huge_pages = pytest.mark.skipif(
+    HUGE_PAGES is None, reason="large results come from torch.empty without MADV_HUGEPAGE"
+)
+MiB = 1 << 20
+
+
+def memory(tensor: torch.Tensor) -> range:
+    """The bytes of the block a tensor's storage lies in."""
+    storage = tensor.untyped_storage()
+    return range(storage.data_ptr(), storage.data_ptr() + storage.nbytes())
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    first, second = memory(a), memory(b)
+    return first.start < second.stop and second.start < first.stop
+
+
+@pytest.fixture
+def small_large_results(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Results of 1 MiB and more go through the cache (not 32 MiB), so that
+    the tests move a few MB, not hundreds."""
+    monkeypatch.setattr(client_module, "HUGE_PAGE_FROM", MiB)
+    return MiB
+
+
+@needs_huge_pages
+def test_a_dropped_block_is_handed_out_again_and_a_referenced_one_never() -> None:
+    cache = ResultCache(200 * MiB)
+    first = receive_buffer([32 * MiB // 4], torch.float32, cache)
+    first.fill_(7.0)
+    block = first.data_ptr()
+    kept = receive_buffer([32 * MiB // 4], torch.float32, cache)  # first is alive: another
+    assert not shares_memory(first, kept) and len(cache) == 2
+    kept.fill_(1.0)
+    del first
+    again = receive_buffer([8 * MiB], torch.float32, cache)
+    # the same block, not a fresh mapping at the same address: it still holds the 7s
+    assert again.data_ptr() == block and float(again[-1]) == 7.0
+    assert not shares_memory(again, kept) and bool((kept == 1.0).all())
+    # a view, a .numpy(), a dtype view or a storage keeps the block as the tensor does
+    holders: list[Any] = [
+        lambda t: t[100:200],
+        lambda t: t.numpy()[5:9],
+        lambda t: t.view(torch.uint8).reshape(4, -1)[1],
+        lambda t: t.untyped_storage(),
+        lambda t: memoryview(t.numpy()),
+    ]
+    for hold in holders:
+        held = hold(again)
+        del again
+        other = receive_buffer([8 * MiB], torch.float32, cache)
+        assert other.data_ptr() != block
+        del held, other
+        again = receive_buffer([8 * MiB], torch.float32, cache)
+        assert again.data_ptr() == block
+    assert len(cache) == 3 and cache.held_bytes == 3 * 32 * MiB
+
+
+@needs_huge_pages
+def test_blocks_are_whole_huge_pages_and_a_size_takes_its_own_class() -> None:
+    cache = ResultCache(500 * MiB)
+    odd = receive_buffer([32 * MiB + 3], torch.uint8, cache)
+    assert odd.numel() == 32 * MiB + 3 and len(odd.untyped_storage()) == 32 * MiB + 3
+    assert cache.held_bytes == 32 * MiB + HUGE_PAGE
+    block = odd.data_ptr()
+    del odd
+    near = receive_buffer([17 * MiB], torch.bfloat16, cache)  # 34 MiB: the same class
+    assert near.data_ptr() == block and near.dtype == torch.bfloat16
+    del near
+    larger = receive_buffer([36 * MiB], torch.uint8, cache)  # a free block, but too small
+    assert larger.data_ptr() != block and len(cache) == 2
+
+
+@needs_huge_pages
+def test_the_cache_never_holds_more_than_its_limit() -> None:
+    cache = ResultCache(100 * MiB)  # room for two 34 MiB blocks
+    results = []
+    for _ in range(4):
+        results.append(receive_buffer([33 * MiB], torch.uint8, cache))
+        assert cache.held_bytes <= 100 * MiB
+    assert len(cache) == 2 and cache.held_bytes == 68 * MiB
+    assert len({r.data_ptr() for r in results}) == 4  # the last two: fresh, not kept
+    del results
+    big = receive_buffer([60 * MiB], torch.uint8, cache)  # lets go of the older free block
+    assert len(cache) == 2 and cache.held_bytes == 94 * MiB
+    del big
+    huge = receive_buffer([120 * MiB], torch.uint8, cache)  # over the limit on its own:
+    assert cache.held_bytes == 94 * MiB and huge.numel() == 120 * MiB  # the cache stays
+    cache.clear()
+    assert len(cache) == 0 and cache.held_bytes == 0
+    with pytest.raises(ValueError, match="result_cache_bytes"):
+        ResultCache(-1)
+
+
+@needs_huge_pages
+def test_a_cache_of_zero_keeps_nothing() -> None:
+    cache = ResultCache(0)
+    for _ in range(3):
+        result = receive_buffer([33 * MiB], torch.uint8, cache)
+        assert result.numel() == 33 * MiB
+        assert len(cache) == 0 and cache.held_bytes == 0
+        del result
+
+
+@needs_huge_pages
+def test_threads_never_get_the_same_block(small_large_results: int) -> None:
+    cache = ResultCache(6 * 2 * MiB)  # fewer blocks than threads hold at once
+    failures: list[str] = []
+
+    def work(mark: int) -> None:
+        for _ in range(40):
+            tensor = receive_buffer([MiB], torch.int16, cache)
+            tensor.fill_(mark)
+            time.sleep(0.0005)
+            if not bool((tensor == mark).all()):
+                failures.append(f"thread {mark}: overwritten")
+            del tensor
+
+    threads = [threading.Thread(target=work, args=(mark,)) for mark in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    assert cache.held_bytes <= 12 * MiB
+
+
+@needs_huge_pages
+def test_client_reuses_a_dropped_result_at_the_real_threshold(live_server: str) -> None:
+    x, t = logits(8192, 1024, seed=5)  # 32 MiB of gradient back: the cache's smallest
+    value, grads = expected("cross_entropy", {"input": x, "target": t}, ["input"])
+    with LossClient(live_server) as client:
+        first = client.loss("cross_entropy", input=x, target=t, grad=True)
+        assert went_binary(first)
+        assert_same(first.grad["input"], grads["input"])
+        block = first.grad["input"].data_ptr()
+        del first
+        again = client.loss("cross_entropy", input=x, target=t, grad=True)
+        assert again.grad["input"].data_ptr() == block and len(client.result_cache) == 1
+        assert_same(again.value, value)
+        assert_same(again.grad["input"], grads["input"])
+    assert len(client.result_cache) == 0  # close() lets go
+
+
+@needs_huge_pages
+def test_client_results_never_share_memory(live_server: str, small_large_results: int) -> None:
+    (x1, t1), (x2, t2), (x3, t3) = (logits(1024, 1024, seed=s) for s in (1, 2, 3))
+    _, want1 = expected("cross_entropy", {"input": x1, "target": t1}, ["input"])
+    _, want2 = expected("cross_entropy", {"input": x2, "target": t2}, ["input"])
+    _, want3 = expected("cross_entropy", {"input": x3, "target": t3}, ["input"])
+    with LossClient(live_server) as client:
+        first = client.loss("cross_entropy", input=x1, target=t1, grad=True)
+        second = client.loss("cross_entropy", input=x2, target=t2, grad=True)
+        assert not shares_memory(first.grad["input"], second.grad["input"])
+        assert_same(first.grad["input"], want1["input"])
+        assert_same(second.grad["input"], want2["input"])
+        # only views of both stay: a row, and a numpy slice
+        row = first.grad["input"][7]
+        array = second.grad["input"].numpy()[100:200]
+        blocks = {first.grad["input"].data_ptr(), second.grad["input"].data_ptr()}
+        del first, second
+        third = client.loss("cross_entropy", input=x3, target=t3, grad=True)
+        assert third.grad["input"].data_ptr() not in blocks
+        assert not shares_memory(third.grad["input"], row)
+        assert_same(third.grad["input"], want3["input"])
+        assert_same(row, want1["input"][7])
+        assert np.array_equal(array, want2["input"].numpy()[100:200])
+        assert len(client.result_cache) == 3
+        # once the views are gone, their blocks serve the next results
+        del row, array, third
+        reused = [client.loss("cross_entropy", input=x1, target=t1, grad=True) for _ in range(3)]
+        assert len(client.result_cache) == 3
+        assert len({r.grad["input"].data_ptr() for r in reused}) == 3
+        for result in reused:
+            assert_same(result.grad["input"], want1["input"])
+
+
+@needs_huge_pages
+def test_client_two_outputs_of_one_answer_and_bfloat16(
+    live_server: str, small_large_results: int
+) -> None:
+    gen = torch.Generator().manual_seed(9)
+    a = torch.randn(1024, 1024, generator=gen).to(torch.bfloat16)  # 2 MiB: 2 MiB back, twice
+    b = torch.randn(1024, 1024, generator=gen).to(torch.bfloat16)
+    value, grads = expected("l1_loss", {"input": a, "target": b}, ["input", "target"])
+    with LossClient(live_server, binary_threshold=0) as client:
+        for _ in range(3):
+            result = client.loss("l1_loss", input=a, target=b, grad=["input", "target"])
+            assert went_binary(result)
+            assert not shares_memory(result.grad["input"], result.grad["target"])
+            assert_same(result.value, value)
+            assert_same(result.grad["input"], grads["input"])
+            assert_same(result.grad["target"], grads["target"])
+            del result
+        assert len(client.result_cache) == 2
+
+
+@needs_huge_pages
+def test_client_cache_bound_and_off(live_server: str, small_large_results: int) -> None:
+    x, t = logits(1024, 1024, seed=6)  # 4 MiB of gradient: blocks of 4 MiB
+    _, grads = expected("cross_entropy", {"input": x, "target": t}, ["input"])
+    with LossClient(live_server, result_cache_bytes=9 * MiB) as client:
+        kept = [client.loss("cross_entropy", input=x, target=t, grad=True) for _ in range(4)]
+        assert client.result_cache.held_bytes == 8 * MiB and len(client.result_cache) == 2
+        assert len({r.grad["input"].data_ptr() for r in kept}) == 4
+        for result in kept:
+            assert_same(result.grad["input"], grads["input"])
+    with LossClient(live_server, result_cache_bytes=0) as client:
+        for _ in range(2):
+            result = client.loss("cross_entropy", input=x, target=t, grad=True)
+            assert_same(result.grad["input"], grads["input"])
+            assert len(client.result_cache) == 0 and client.result_cache.held_bytes == 0
+
+
+@needs_huge_pages
+def test_async_client_results_from_its_cache(live_server: str, small_large_results: int) -> None:
+    x, t = logits(1024, 1024, seed=8)
+    _, grads = expected("cross_entropy", {"input": x, "target": t}, ["input"])
+
+    async def calls() -> tuple[list[LossResult], int]:
+        async with AsyncLossClient(live_server, result_cache_bytes=64 * MiB) as client:
+            results = list(
+                await asyncio.gather(
+                    *(client.loss("cross_entropy", input=x, target=t, grad=True) for _ in range(3))
+                )
+            )
+            return results, len(client.result_cache)
+
+    results, blocks = asyncio.run(calls())
+    assert blocks == 3
+    assert len({r.grad["input"].data_ptr() for r in results}) == 3
+    for result in results:
+        assert_same(result.grad["input"], grads["input"])
