@@ -9,6 +9,7 @@ synchronous and CPU- or GPU-bound: the runtime decides where it runs.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -214,49 +215,55 @@ def plan(call: LossCall, settings: Settings, timings: Timings) -> Plan:
     except InvalidPayload as exc:
         raise relocate(exc, call.loc) from None
     options = call.options
-    shapes = {k: tuple(v.shape) for k, v in tensors.items() if isinstance(v, torch.Tensor)}
-    hints = _cost_hints(tensors, options)
+    # torch.Size is a tuple: shapes and dtypes key the cost as they are
+    shapes = tuple((k, v.shape) for k, v in tensors.items() if isinstance(v, torch.Tensor))
+    floats = tuple(
+        v.dtype for v in tensors.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
+    lengths = tensors.get("target_lengths")
+    longest = (  # CTC's tables hold N x T x (2S + 1) cells: S is the longest target
+        int(lengths.max()) if isinstance(lengths, torch.Tensor) and lengths.numel() else None
+    )
+    key = (shapes, floats, longest, tuple(grad_names), call.encoding, call.raw_outputs)
     try:
-        cost = _predict_cached(spec, tuple(shapes.items()), tuple(hints.items()), tuple(grad_names))
+        cost, memory = _costed(spec, tuple(options.items()), *key)
     except TypeError:  # an option value that cannot be a cache key
-        cost = predict(spec, shapes, hints, grad_names)
+        cost, memory = _costed.__wrapped__(spec, tuple(options.items()), *key)
     if cost.work_elements > settings.max_work_elements:
         raise PayloadTooLarge(
-            f"{spec.name} with these shapes ({_describe_shapes(shapes)}, reduction "
+            f"{spec.name} with these shapes ({_describe_shapes(dict(shapes))}, reduction "
             f"{options.get('reduction')!r}{', grad' if grad_names else ''}) is predicted to "
             f"take {cost.work_elements} elements of work, more than the limit of "
             f"{settings.max_work_elements} (LOSS_SERVICE_MAX_WORK_ELEMENTS)"
         )
     timings.decode += time.perf_counter() - start
-    memory = _memory_bytes(cost, tensors, grad_names, call.encoding, call.raw_outputs)
     return Plan(call, tensors, grad_names, device, cost, memory, notes)
 
 
 @lru_cache(maxsize=4096)
-def _predict_cached(
+def _costed(
     spec: LossSpec,
+    options: tuple[tuple[str, Any], ...],
     shapes: tuple[tuple[str, tuple[int, ...]], ...],
-    hints: tuple[tuple[str, Any], ...],
+    floats: tuple[torch.dtype, ...],
+    longest: int | None,
     grad: tuple[str, ...],
-) -> Cost:
-    """``predict``, remembered: clients repeat their shapes, and a prediction
-    costs more than the small loss call it guards."""
-    return predict(spec, dict(shapes), dict(hints), grad)
-
-
-def _cost_hints(tensors: Tensors, options: dict[str, Any]) -> dict[str, Any]:
-    """The options, and what the cost model can use beside the shapes: the
-    float dtype, and CTC's longest target (its tables hold N x T x (2S + 1)
-    cells, and with concatenated targets the shapes alone bound S only by
-    their total length)."""
+    encoding: str,
+    raw_outputs: frozenset[str],
+) -> tuple[Cost, int]:
+    """The cost of a call and the bytes its computation and response are
+    predicted to hold, remembered: clients repeat their shapes, and a
+    prediction costs more than the small loss call it guards. Everything it
+    reads is in the key: the shapes, the float arguments' dtypes (the first
+    one's name is the cost model's ``dtype``), and CTC's longest target (with
+    concatenated targets the shapes alone bound it only by their total)."""
     hints = dict(options)
-    floats = [v for v in tensors.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     if floats:
-        hints["dtype"] = dtype_name(floats[0].dtype)
-    lengths = tensors.get("target_lengths")
-    if isinstance(lengths, torch.Tensor) and lengths.numel():
-        hints["max_target_length"] = int(lengths.max())
-    return hints
+        hints["dtype"] = dtype_name(floats[0])
+    if longest is not None:
+        hints["max_target_length"] = longest
+    cost = predict(spec, dict(shapes), hints, grad)
+    return cost, _memory_bytes(cost, dict(shapes), floats, grad, encoding, raw_outputs)
 
 
 # What encoding one output element costs in memory on its way out, by
@@ -269,20 +276,20 @@ B64_BYTES_PER_BYTE = 6
 
 def _memory_bytes(
     cost: Cost,
-    tensors: Tensors,
-    grad_names: list[str],
+    shapes: dict[str, tuple[int, ...]],
+    floats: tuple[torch.dtype, ...],
+    grad_names: tuple[str, ...],
     encoding: str,
     binary_outputs: frozenset[str],
 ) -> int:
     """What the computation and the response are predicted to hold, in bytes
     (``binary_outputs``: the outputs sent as raw bytes, by v2 output name, or
     ``*`` for all)."""
-    present = [v for v in tensors.values() if isinstance(v, torch.Tensor)]
-    itemsize = max((t.element_size() for t in present if t.is_floating_point()), default=4)
+    itemsize = max((dtype.itemsize for dtype in floats), default=4)
     outputs = {"loss": cost.value_elements}
     for name in grad_names:
-        tensor = tensors[name]
-        outputs[f"grad_{name}"] = tensor.numel() if isinstance(tensor, torch.Tensor) else 1
+        shape = shapes.get(name)
+        outputs[f"grad_{name}"] = math.prod(shape) if shape is not None else 1
     out = 0
     for name, elements in outputs.items():
         if name in binary_outputs or "*" in binary_outputs:
@@ -303,8 +310,13 @@ def compute(checked: Plan, timings: Timings) -> Evaluation:
     start = time.perf_counter()
     tensors, device = checked.tensors, checked.device
     # decoded on the CPU (or over a CUDA shared-memory region), checked there,
-    # then moved once; ``to`` is a no-op for a tensor already there
-    tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+    # then moved once (a CPU call on CPU tensors moves nothing)
+    if device.type != "cpu" or any(
+        isinstance(v, torch.Tensor) and v.is_cuda for v in tensors.values()
+    ):
+        tensors = {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()
+        }
     moved_at = time.perf_counter()
     timings.decode += moved_at - start
     timings.device = device_name(device)
@@ -314,9 +326,9 @@ def compute(checked: Plan, timings: Timings) -> Evaluation:
     evaluation = run_loss(checked.call, tensors, checked.grad_names)
     evaluation.warnings = checked.warnings
     timings.compute += time.perf_counter() - moved_at
-    timings.tensor_bytes_out += evaluation.value.nbytes + sum(
-        g.nbytes for g in evaluation.grads.values()
-    )
+    timings.tensor_bytes_out += evaluation.value.nbytes
+    for g in evaluation.grads.values():
+        timings.tensor_bytes_out += g.nbytes
     return evaluation
 
 
@@ -342,12 +354,12 @@ def assign_roles(
             tensors[arg.name] = given
             continue
         raw, explicit = given
-        role: Role = wire_role(arg.role)
+        role: Role = "index" if arg.role == "index" else "float"
         if arg.role == "class_target":
             input = tensors["input"]
             assert isinstance(input, torch.Tensor)
             # probabilities: input's shape, or fractions (no class index) at input's rank
-            probabilities = list(raw.shape) == list(input.shape) or (
+            probabilities = raw.shape == input.shape or (
                 raw.dim() == input.dim() and has_fractions(raw)
             )
             role = "float" if probabilities else "index"
@@ -415,9 +427,10 @@ def run_loss(call: LossCall, tensors: Tensors, grad_names: list[str]) -> Evaluat
     kwargs = spec.torch_options(options) if spec.torch_options else options
     try:
         if not grad_names:
-            with torch.inference_mode():
-                value = spec.fn(**tensors, **kwargs)
-            return Evaluation(call, value)
+            # no argument requires grad (each request decodes its own), so
+            # autograd records nothing: no grad-mode switch needed (inference
+            # mode cost more than a small loss itself)
+            return Evaluation(call, spec.fn(**tensors, **kwargs))
         leaves: list[torch.Tensor] = []
         for name in grad_names:
             tensor = tensors[name]

@@ -153,6 +153,8 @@ def decode_raw(
     """Decode without applying the role; also says whether the dtype was explicit
     (an object form with a ``dtype``). A tensor that arrived decoded (v2)
     passes through with its dtype explicit; it was counted when decoded."""
+    if type(value) is list:  # the common case first: a nested array
+        return _decode_nested(value, field, role, float_dtype, budget), False
     if isinstance(value, torch.Tensor):
         tensor, explicit = value, True
     elif isinstance(value, NumericArray):
@@ -375,8 +377,14 @@ def _decode_nested(
     budget: ElementBudget,
 ) -> torch.Tensor:
     shape = _nested_shape(value, field)
-    budget.take(field, math.prod(shape), math.prod(max(d, 1) for d in shape))
-    return _tensor_from_list(value, (field,), _wire_dtype(role, float_dtype), shape, flat=False)
+    count = extent = 1
+    for size in shape:
+        count *= size
+        extent *= size or 1
+    budget.take(field, count, extent)
+    return _tensor_from_list(
+        value, (field,), float_dtype if role == "float" else None, shape, flat=False
+    )
 
 
 def _wire_dtype(role: Role, float_dtype: torch.dtype) -> torch.dtype | None:

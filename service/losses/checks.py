@@ -92,21 +92,22 @@ def class_target(tensors: Tensors, options: Mapping[str, Any]) -> None:
     input, target = tensor(tensors, "input"), tensor(tensors, "target")
     num_classes = class_dim(input)
     class_weight(tensors, num_classes)
-    if input.dim() == 1:
-        index_shape, words = [], "(a 0-dim class index)"
-    else:
-        index_shape = [input.shape[0], *input.shape[2:]]
-        words = "(N)" if input.dim() == 2 else "(N, d1, ...)"
+    dims = input.dim()
     if target.is_floating_point():
-        if shape(target) != shape(input):
+        if target.shape != input.shape:
+            index_shape = [] if dims == 1 else [input.shape[0], *input.shape[2:]]
             raise invalid(
                 "target",
                 f"expected shape {shape(input)} for class probabilities (input's shape; "
                 f"class indices would be integers of shape {index_shape}), got {shape(target)}",
             )
         return
-    if not (input.dim() == 1 and shape(target) == [1]):  # torch takes [1] for [] here
-        expect_shape("target", target, index_shape, words, "input", input)
+    # torch.Size compares as a tuple: the expected shape of class indices
+    index_shape = () if dims == 1 else input.shape[:1] + input.shape[2:]
+    if target.shape != index_shape and not (dims == 1 and target.shape == (1,)):
+        # torch takes [1] for [] here
+        words = "(a 0-dim class index)" if dims == 1 else "(N)" if dims == 2 else "(N, d1, ...)"
+        expect_shape("target", target, list(index_shape), words, "input", input)
     class_indices("target", target, num_classes, allowed=(options["ignore_index"],))
 
 

@@ -41,13 +41,15 @@ def loss_call(
     """One v1 request body (parsed JSON) -> the call, its tensors decoded
     against one element budget."""
     request = parse_request(spec, body, loc)
-    float_dtype = FLOAT_DTYPES[request.dtype]
+    fields = request.__dict__  # the validated values, read once
+    float_dtype = FLOAT_DTYPES[fields["dtype"]]
     budget = ElementBudget.for_request(settings)
     arguments: dict[str, Argument] = {}
     grad_output: torch.Tensor | None = None
+    given_grad_output = fields["grad_output"]
     try:
         for arg in spec.args:
-            value = getattr(request, arg.name)
+            value = fields[arg.name]
             if value is None:
                 continue  # the core says whether it was required
             if (
@@ -64,17 +66,17 @@ def loss_call(
                 float_dtype=float_dtype,
                 budget=budget,
             )
-        check_grad_output(request.grad, request.grad_output is not None)
-        if request.grad_output is not None:
+        check_grad_output(fields["grad"], given_grad_output is not None)
+        if given_grad_output is not None:
             # Plain JSON numbers are decoded exactly (as doubles) and rounded
             # once to the loss output's dtype when used; a tensor object
             # without a dtype is read in the request's float dtype, as the
             # arguments are.
             grad_output, _ = decode_raw(
-                request.grad_output,
+                given_grad_output,
                 field="grad_output",
                 role="float",
-                float_dtype=float_dtype if isinstance(request.grad_output, dict) else torch.float64,
+                float_dtype=float_dtype if isinstance(given_grad_output, dict) else torch.float64,
                 budget=budget,
             )
     except InvalidPayload as exc:
@@ -82,12 +84,12 @@ def loss_call(
     return LossCall(
         spec,
         arguments,
-        options={name: getattr(request, name) for name in spec.option_names},
-        grad=request.grad,
-        grad_output=grad_output,
-        device=request.device,
-        float_dtype=float_dtype,
-        encoding=request.encoding,
+        {name: fields[name] for name in spec.option_names},
+        fields["grad"],
+        grad_output,
+        fields["device"],
+        float_dtype,
+        fields["encoding"],
         loc=loc,
     )
 
