@@ -95,15 +95,15 @@ def class_target(tensors: Tensors, options: Mapping[str, Any]) -> None:
     dims = input.dim()
     if target.is_floating_point():
         if target.shape != input.shape:
-            index_shape = [] if dims == 1 else [input.shape[0], *input.shape[2:]]
+            expected = [] if dims == 1 else [input.shape[0], *input.shape[2:]]
             raise invalid(
                 "target",
                 f"expected shape {shape(input)} for class probabilities (input's shape; "
-                f"class indices would be integers of shape {index_shape}), got {shape(target)}",
+                f"class indices would be integers of shape {expected}), got {shape(target)}",
             )
         return
     # torch.Size compares as a tuple: the expected shape of class indices
-    index_shape = () if dims == 1 else input.shape[:1] + input.shape[2:]
+    index_shape: tuple[int, ...] = () if dims == 1 else input.shape[:1] + input.shape[2:]
     if target.shape != index_shape and not (dims == 1 and target.shape == (1,)):
         # torch takes [1] for [] here
         words = "(a 0-dim class index)" if dims == 1 else "(N)" if dims == 2 else "(N, d1, ...)"
