@@ -162,15 +162,32 @@ def refuse_deprecated(spec: LossSpec, keys: Any, loc: tuple[str | int, ...]) -> 
         )
 
 
+# Option sets already validated, and what they came out as: clients repeat
+# theirs (most send none), and validating them cost more than a small loss.
+_PARSED_OPTIONS: dict[tuple[Any, ...], dict[str, Any]] = {}
+PARSED_OPTIONS_KEPT = 4096
+
+
 def parse_options(
     spec: LossSpec, values: dict[str, Any], loc: tuple[str | int, ...]
 ) -> dict[str, Any]:
     """Options given by name -> every option of the loss, checked, defaults filled in."""
+    # each value's type is in the key: 1, 1.0 and True are equal but not the same option
+    key: tuple[Any, ...] | None = (spec, *((k, type(v), v) for k, v in values.items()))
+    try:
+        parsed = _PARSED_OPTIONS.get(key)  # type: ignore[arg-type]
+    except TypeError:  # a value that cannot be a key (a list)
+        parsed, key = None, None
+    if parsed is not None:
+        return dict(parsed)
     refuse_deprecated(spec, values, loc)
     try:
-        return options_model(spec).model_validate(values).model_dump()
+        parsed = options_model(spec).model_validate(values).model_dump()
     except ValidationError as exc:
         raise validation_error(exc, loc, spec.option_names) from None
+    if key is not None and len(_PARSED_OPTIONS) < PARSED_OPTIONS_KEPT:
+        _PARSED_OPTIONS[key] = parsed
+    return dict(parsed)
 
 
 def parse_request(

@@ -387,6 +387,43 @@ def _decode_nested(
     )
 
 
+# Arrays of at most this many elements may be read before the element
+# budget is charged for them (small_tensor)
+SMALL_ARRAY = 256
+
+
+def small_tensor(
+    data: list[Any], field: str, dtype: torch.dtype, shape: list[int]
+) -> torch.Tensor | None:
+    """A small array (flat or nested, 1 to SMALL_ARRAY plain numbers, as many
+    as ``shape`` takes) -> the tensor of ``shape`` and ``dtype`` (a float
+    dtype, or int64) that the general path gives, in one step; None for
+    anything else (non-finite strings, booleans, ragged rows, integers past
+    int64, more elements), which the general path then reads and explains.
+    The caller charges the element budget."""
+    numel = math.prod(shape)
+    if not 0 < numel <= SMALL_ARRAY:
+        return None
+    count, row = 1, data  # the elements the first row at each depth implies
+    while type(row) is list and row and count <= SMALL_ARRAY:
+        count *= len(row)
+        row = row[0]
+    if count != numel:
+        return None
+    try:
+        array = np.array(data)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    kind = array.dtype.kind
+    if (
+        array.size != numel
+        or array.ndim > MAX_DIMS
+        or not (kind == "i" or (kind == "f" and dtype.is_floating_point))
+    ):
+        return None  # floats where integers go: the general path checks them
+    return _from_array(array.reshape(shape), (field,), dtype)
+
+
 def _wire_dtype(role: Role, float_dtype: torch.dtype) -> torch.dtype | None:
     """The dtype a plain array is built in: the float dtype for float roles;
     None (int64 for integers, else float64, checked by coerce_role) otherwise."""
@@ -488,9 +525,9 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     page-locked memory (torch's host allocator keeps such blocks for reuse):
     the DMA engine then writes it at full speed, where a copy into pageable
     memory goes through the driver's staging buffer at a fraction of it."""
-    tensor = tensor.detach()
     if tensor.device.type == "cpu":
-        return tensor
+        return tensor.detach() if tensor.requires_grad else tensor
+    tensor = tensor.detach()
     if tensor.nbytes < PINNED_RESULT_MIN_BYTES:
         return tensor.cpu()
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
@@ -515,11 +552,16 @@ def encode_tensor(tensor: torch.Tensor, encoding: Encoding) -> Any:
         return {
             "shape": list(tensor.shape),
             "dtype": dtype_name(tensor.dtype),
-            "data": _jsonable(tensor.reshape(-1)),
+            "data": encode_flat(tensor),
         }
     if tensor.dim() == 0:
         return encode_scalar(tensor)
     return _jsonable(tensor)
+
+
+def encode_flat(tensor: torch.Tensor) -> Any:
+    """A CPU tensor's elements as one flat JSON array (row-major)."""
+    return _jsonable(tensor if tensor.dim() == 1 else tensor.reshape(-1))
 
 
 def encode_scalar(tensor: torch.Tensor) -> float | int | bool | str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -86,6 +87,11 @@ class InferRequest:
     outputs: list[OutputRequest] | None
     binary_output: bool = False
     grad_output: torch.Tensor | None = None
+
+
+# The output a request that names none gets first (never changed: a request
+# that names outputs has its own OutputRequests)
+LOSS_OUTPUT = OutputRequest("loss")
 
 
 def model(name: str, version: str = "") -> LossSpec:
@@ -253,12 +259,21 @@ def grad_parameter(value: Any) -> bool | list[str]:
     )
 
 
+@cache
+def parameter_names(spec: LossSpec) -> tuple[frozenset[str], frozenset[str]]:
+    """A loss's arguments that may come as a number parameter, and every
+    parameter name a request may give it."""
+    numbers = frozenset(a.name for a in spec.args if a.role == "float_or_number")
+    return numbers, frozenset(
+        {*spec.option_names, *SERVICE_PARAMETERS, *DEPRECATED_OPTIONS, *numbers}
+    )
+
+
 def loss_call(request: InferRequest, encoding: str = "flat") -> LossCall:
     """An inference request -> the call: parameters become options, device
     and gradients; outputs named ``grad_<arg>`` ask for those gradients."""
     spec = request.spec
-    numbers = {a.name for a in spec.args if a.role == "float_or_number"}
-    allowed = {*spec.option_names, *SERVICE_PARAMETERS, *DEPRECATED_OPTIONS, *numbers}
+    numbers, allowed = parameter_names(spec)
     options: dict[str, Any] = {}
     arguments: dict[str, Argument] = {n: (t, True) for n, t in request.tensors.items()}
     device: str | None = None
@@ -333,7 +348,7 @@ def selected_outputs(
     least one dimension)."""
     selected = request.outputs
     if selected is None:
-        selected = [OutputRequest("loss")] + [OutputRequest(f"grad_{n}") for n in evaluation.grads]
+        selected = [LOSS_OUTPUT] + [OutputRequest(f"grad_{n}") for n in evaluation.grads]
     result = []
     for output in selected:
         if output.name == "loss":

@@ -43,12 +43,15 @@ from service.tensors import (
     bytes_to_tensor,
     check_dims,
     decode_raw,
-    encode_tensor,
+    encode_flat,
+    small_tensor,
     tensor_view,
     to_integers,
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# Datatypes whose small JSON data is read in one step (small_tensor)
+DIRECT = frozenset({"FP16", "BF16", "FP32", "FP64", "INT64"})
 
 # A request body as read: bytes, or the buffer it was read into.
 Body = bytes | bytearray | memoryview
@@ -155,11 +158,7 @@ def _decode_input(
     if unknown:
         raise BadRequest(f"input {quote(name)}: unknown field(s) {quote(sorted(unknown))}")
     shape = item.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_DIMS
-        or not all(_dimension(d) for d in shape)
-    ):
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not _dimensions(shape):
         raise BadRequest(
             f"input {quote(name)}: shape must be an array of at most {MAX_DIMS} non-negative "
             f"integers, got {quote(shape)}"
@@ -169,16 +168,20 @@ def _decode_input(
     if not isinstance(datatype, str):
         raise BadRequest(f"input {quote(name)}: datatype must be a string, got {quote(datatype)}")
     check_datatype(spec, name, datatype)
-    what = f"input {quote(name)}"
-    parameters = _tensor_parameters(item, what, ("binary_data_size", *SHARED_MEMORY))
     numel = math.prod(shape)
-    shared = _shared_memory(what, parameters, regions)
-    if shared is not None:
-        if "data" in item or "binary_data_size" in parameters:
-            raise BadRequest(f"{what} has shared_memory_region and also data or binary_data_size")
-        budget.take(name, numel, extent)
-        return name, read_region(name, datatype, shape, *shared), 0
-    size = parameters.get("binary_data_size")
+    size = None
+    if item.get("parameters"):  # absent, null and {} all say nothing
+        what = f"input {quote(name)}"
+        parameters = _tensor_parameters(item, what, ("binary_data_size", *SHARED_MEMORY))
+        shared = _shared_memory(what, parameters, regions)
+        if shared is not None:
+            if "data" in item or "binary_data_size" in parameters:
+                raise BadRequest(
+                    f"{what} has shared_memory_region and also data or binary_data_size"
+                )
+            budget.take(name, numel, extent)
+            return name, read_region(name, datatype, shape, *shared), 0
+        size = parameters.get("binary_data_size")
     if size is None:
         if "data" not in item:
             raise BadRequest(
@@ -213,12 +216,16 @@ def _decode_input(
     return name, tensor, size
 
 
-def _dimension(value: Any) -> bool:
-    """A non-negative integer; or one past int64 that JSON parsing made a double
-    (check_dims refuses it as outside int64, with a 422)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value >= 0
-    return isinstance(value, float) and value >= 2**63
+def _dimensions(shape: list[Any]) -> bool:
+    """Every dimension a non-negative integer; or one past int64 that JSON
+    parsing made a double (check_dims refuses it as outside int64, with a 422)."""
+    for value in shape:
+        if type(value) is int:  # not a bool
+            if value < 0:
+                return False
+        elif not (isinstance(value, float) and value >= 2**63):
+            return False
+    return True
 
 
 def _decode_json_data(
@@ -232,6 +239,11 @@ def _decode_json_data(
     """JSON ``data`` (flat or nested, row-major) -> a tensor of ``shape`` and
     ``datatype``'s dtype (int64 for the widened ones)."""
     dtype = DATATYPES.get(datatype, torch.int64)
+    if datatype in DIRECT and type(data) is list:
+        small = small_tensor(data, name, dtype, shape)
+        if small is not None:  # a few plain numbers, as many as the shape takes
+            budget.take(name, small.numel(), extent)
+            return small
     if dtype.is_floating_point:
         tensor, _ = decode_raw(data, field=name, role="float", float_dtype=dtype, budget=budget)
     else:
@@ -328,7 +340,7 @@ def encode_response(
             output["parameters"] = {"binary_data_size": raw.nbytes}
             chunks.append(raw)
         else:
-            output["data"] = encode_tensor(tensor, "flat")["data"]
+            output["data"] = encode_flat(tensor)
         outputs.append(output)
     response: dict[str, Any] = {"model_name": request.spec.name, "model_version": MODEL_VERSION}
     if request.id is not None:
