@@ -353,6 +353,8 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     common: dict[str, Any] = {
         "host": bind_host, "port": bind_port, "log_config": None, "access_log": False,
         "timeout_graceful_shutdown": settings.compute_timeout,
+        # nothing reads the client's address: no X-Forwarded-* rewrite per request
+        "proxy_headers": False,
         # header timeout, header size cap, uploads cut at shutdown
         "http": "service.api.connections:GuardedHttpToolsProtocol",
     }  # fmt: skip

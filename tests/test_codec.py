@@ -10,8 +10,11 @@ import numpy as np
 import orjson
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from service.errors import InvalidPayload, PayloadTooLarge
+from service.errors import BadRequest, InvalidPayload, PayloadTooLarge
+from service.protocols import oip_json
 from service.tensors import (
     DTYPE_NAMES,
     DTYPES,
@@ -294,3 +297,57 @@ def test_slow_path_errors_name_what_is_wrong() -> None:
             decode(value)
     with pytest.raises(InvalidPayload, match="flat array"):
         decode({"shape": [3], "data": [1.0, [2.0], "NaN"]})
+
+
+# --------------------------------------------------------------------------- OIP JSON data
+
+_ELEMENT = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False, width=64),
+    st.booleans(),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "x"]),
+)
+
+
+def _oip_data(data: object, shape: list[int], datatype: str, fast: bool) -> tuple[str, object]:
+    """What ``_decode_json_data`` makes of ``data``: ("ok", tensor) or the error."""
+    direct = oip_json.DIRECT
+    try:
+        if not fast:
+            oip_json.DIRECT = frozenset()
+        tensor = oip_json._decode_json_data(
+            "input", data, shape, math.prod(max(d, 1) for d in shape), datatype, ElementBudget(1000)
+        )
+        return "ok", tensor
+    except (InvalidPayload, PayloadTooLarge, BadRequest) as exc:
+        return type(exc).__name__, str(exc)
+    finally:
+        oip_json.DIRECT = direct
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.integers(0, 4),
+    cols=st.integers(1, 5),
+    values=st.lists(_ELEMENT, min_size=0, max_size=20),
+    nested=st.booleans(),
+    declared=st.sampled_from(["same", "flat", "other"]),
+    datatype=st.sampled_from(["FP32", "FP64", "FP16", "BF16", "INT64"]),
+)
+def test_small_oip_data_read_in_one_step_equals_the_general_path(
+    rows: int, cols: int, values: list[object], nested: bool, declared: str, datatype: str
+) -> None:
+    """The one-step read of small OIP JSON data (``small_tensor``) gives the
+    tensor, or the error, that the general path gives, bit for bit: plain
+    numbers, booleans, integers past 2**53 and int64, non-finite strings,
+    nested or flat, a shape that holds as many elements or not."""
+    cells = (values * (rows * cols))[: rows * cols] if values else [0.5] * (rows * cols)
+    data: object = [cells[r * cols : (r + 1) * cols] for r in range(rows)] if nested else cells
+    shape = {"same": [rows, cols], "flat": [rows * cols], "other": [rows * cols + 1]}[declared]
+    fast, general = _oip_data(data, shape, datatype, True), _oip_data(data, shape, datatype, False)
+    assert fast[0] == general[0], (fast, general)
+    if fast[0] == "ok":
+        assert isinstance(fast[1], torch.Tensor) and isinstance(general[1], torch.Tensor)
+        assert_same(fast[1], general[1])
+    else:
+        assert fast[1] == general[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import os
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.problems import problem_body
 from service.api.routes import COMPUTE_ROUTES
-from service.api.runtime import Runtime, scope_header
+from service.api.runtime import RUNTIME_KEY, Runtime, scope_header
 from service.errors import QUOTE_LIMIT, Unauthorized
 from service.logs import AccessLog
 from service.losses.registry import LOSSES, canonical_name
@@ -39,11 +40,31 @@ def quote_path(scope: Scope) -> str:
     return path if len(path) <= QUOTE_LIMIT else f"{path[:QUOTE_LIMIT]}... ({len(path)} in all)"
 
 
+class RequestIds:
+    """New request ids: 32 hex digits, a random 64-bit prefix per process
+    (drawn again in a forked child) and a counter, unique without a system
+    call per request."""
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self.prefix = os.urandom(8).hex().encode()
+        self.count = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+    def next(self) -> bytes:
+        return b"%s%016x" % (self.prefix, next(self.count) & 0xFFFFFFFFFFFFFFFF)
+
+
+REQUEST_IDS = RequestIds()
+
+
 def _request_id(scope: Scope) -> bytes:
     given = scope_header(scope, REQUEST_ID)
     if given and len(given) <= 200 and given.isascii() and given.decode().isprintable():
         return given
-    return os.urandom(16).hex().encode()
+    return REQUEST_IDS.next()
 
 
 def _labels(scope: Scope) -> tuple[str, str]:
@@ -85,6 +106,7 @@ class ObservabilityMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        scope[RUNTIME_KEY] = self.runtime
         request_id = _request_id(scope)
         state: dict[str, Any] = {"status": 500, "in": 0, "out": 0}
         scope.setdefault("state", {})["request_id"] = request_id.decode()

@@ -322,8 +322,13 @@ def _admit_inline(n: int, what: str) -> None:
     """A small body parsed on the event loop holds little: nothing to reserve."""
 
 
+RUNTIME_KEY = "loss_service.runtime"
+
+
 def runtime(request: Request) -> Runtime:
-    value = request.app.state.runtime
+    """The app's runtime: put in the scope by the request middleware (reading
+    it from the app's state costs a few attribute lookups more)."""
+    value = request.scope.get(RUNTIME_KEY) or request.app.state.runtime
     assert isinstance(value, Runtime)
     return value
 
@@ -601,13 +606,19 @@ def decompress(
     return b"".join(parts)
 
 
+HEADERS_KEY = "loss_service.headers"
+
+
 def scope_header(scope: Scope, name: bytes) -> bytes | None:
-    """One request header (lower-case ``name``), read from the ASGI scope
-    without building starlette's Headers."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
+    """One request header (lower-case ``name``; the first of its name), read
+    from the ASGI scope without building starlette's Headers: the headers
+    become one dict at the first read, kept in the scope for the next."""
+    headers = scope.get(HEADERS_KEY)
+    if headers is None:
+        # reversed: the first of a repeated name wins, as a scan from the front
+        headers = scope[HEADERS_KEY] = dict(reversed(scope["headers"]))
+    value = headers.get(name)
+    return value if value is None or type(value) is bytes else bytes(value)
 
 
 def header(request: Request, name: bytes) -> str | None:
@@ -616,7 +627,10 @@ def header(request: Request, name: bytes) -> str | None:
 
 
 def require_json(request: Request) -> None:
-    media = (header(request, b"content-type") or "").split(";")[0].strip().lower()
+    raw = scope_header(request.scope, b"content-type")
+    if raw == b"application/json":
+        return
+    media = (raw or b"").decode("latin-1").split(";")[0].strip().lower()
     if media not in JSON_TYPES and not media.endswith("+json"):
         raise UnsupportedMediaType(
             f"content type {quote(media)} is not supported; send application/json"
