@@ -111,6 +111,7 @@ class Payloads:
     small_v2: Body
     small_v2_json: Body
     large_nested: Body
+    large_v2_json: Body
     large_nested_grad: Body
     large_b64: Body
     large_v2: Body
@@ -133,6 +134,7 @@ def build() -> Payloads:
         small_v2=v2_binary(small),
         small_v2_json=v2_json(small),
         large_nested=Body("large nested", nested(large)),
+        large_v2_json=Body("large v2 JSON", v2_json(large).content),
         large_nested_grad=Body("large nested grad", nested(large, grad=True)),
         large_b64=Body("large b64", b64(large)),
         large_v2=v2_binary(large),

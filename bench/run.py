@@ -75,6 +75,8 @@ class Results:
     # the request without grad, timed in turn with its grad=true twin
     grad_pairs: dict[tuple[str, str], float] = field(default_factory=dict)
     orjson_loads_s: float = math.nan
+    # /v1's large nested body, timed in turn with the same tensors as OIP JSON
+    v1_json_twin: float = math.nan
     sizes: dict[str, float] = field(default_factory=dict)
     load_before: str = ""
     load_after: str = ""
@@ -358,6 +360,19 @@ def measure(opts: Options, work: Path, started: list[Server]) -> Results:
         for column, path, row, body, check in pairs:
             targets = [Target(BARE, b, path, body), Target(row, s, path, body, check)]
             large_time(res, column, targets, opts.repeats)
+        # the same tensors as an OIP JSON body (nested data), in turn with /v1's
+        twins = Results()
+        large_time(
+            twins,
+            "json pair",
+            [
+                Target(V1, s, CE_PATH, p.large_nested, v1_check(large_ref)),
+                Target(V2_JSON, s, V2_PATH, p.large_v2_json, v2_json_check(large_ref)),
+            ],
+            opts.repeats,
+        )
+        res.large[(V2_JSON, NESTED)] = twins.large[(V2_JSON, "json pair")]
+        res.v1_json_twin = twins.large[(V1, "json pair")]
         # grad=true and its request without, in turn
         grads = [
             (NESTED, NESTED_GRAD, CE_PATH, V1, p.large_nested, p.large_nested_grad,
@@ -464,6 +479,11 @@ def ratios(res: Results) -> list[Ratio]:
             "small c1 p50: service /v1 / FastAPI floor",
             res.c1[V1].p50_ms / res.c1[FLOOR].p50_ms,
             1.5,
+        ),
+        at_most(
+            "large nested JSON body: service /v2 JSON / service /v1, in turn (issue 15)",
+            large(V2_JSON, NESTED) / res.v1_json_twin,
+            1.2,
         ),
         at_least(
             "small req/s: service /v1 / FastAPI floor (issue 19)",

@@ -4,6 +4,7 @@ parameters and the errors for what the protocol or the loss cannot take."""
 from __future__ import annotations
 
 import gzip
+import math
 from typing import Any
 
 import numpy as np
@@ -379,3 +380,47 @@ def test_device_parameter_runs_on_the_gpu(client: TestClient) -> None:
     (grad,) = torch.autograd.grad(expected, [xc])
     assert values[0] == expected.item()
     assert torch.equal(torch.from_numpy(values[1:].copy()).reshape(6, 4), grad.cpu())
+
+
+@pytest.mark.parametrize("layout", ["nested", "flat", "nonfinite"])
+def test_large_json_data_equals_torch(client: TestClient, layout: str) -> None:
+    """A JSON body past 64 KiB is parsed as /v1's are (each large array of
+    numbers one numpy buffer): nested or flat data, and one holding the
+    non-finite strings, give torch's values bit for bit."""
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal((300, 40), dtype=np.float32)
+    target = rng.integers(0, 40, 300)
+    data: Any = logits.tolist() if layout == "nested" else logits.ravel().tolist()
+    expected_input = torch.from_numpy(logits.copy())
+    if layout == "nonfinite":
+        data[5] = "Infinity"
+        expected_input.view(-1)[5] = math.inf
+    body = orjson.dumps({
+        "inputs": [
+            tensor("input", [300, 40], "FP32", data),
+            tensor("target", [300], "INT64", target.tolist()),
+        ],
+        "parameters": {"reduction": "sum"},
+    })  # fmt: skip
+    assert len(body) > 64 * 1024
+    response = client.post(
+        "/v2/models/cross_entropy/infer", content=body, headers={"content-type": "application/json"}
+    )
+    got = outputs(response)["loss"]
+    expected = F.cross_entropy(expected_input, torch.from_numpy(target), reduction="sum")
+    assert got["datatype"] == "FP32" and got["shape"] == [1]
+    (wire,) = got["data"]  # a number, or "NaN" / "Infinity" / "-Infinity"
+    value = torch.tensor(float({"Infinity": "inf", "-Infinity": "-inf"}.get(wire, wire)))
+    same = torch.equal(value.to(torch.float32), expected) or (
+        math.isnan(value.item()) and math.isnan(expected.item())
+    )
+    assert same, (wire, expected)
+
+
+def test_large_malformed_json_is_a_400(client: TestClient) -> None:
+    """A large body that is not JSON is the same 400 as a small one."""
+    body = b'{"inputs": [' + b"1.0, " * 20000 + b"}"
+    response = client.post(
+        "/v2/models/cross_entropy/infer", content=body, headers={"content-type": "application/json"}
+    )
+    assert "invalid JSON in the inference request header" in error(response, 400)

@@ -192,14 +192,16 @@ def prepare_infer(
     timings: Timings,
     admit: Admit,
     regions: Regions | None = None,
+    commas: int | None = None,
 ) -> Prepared[tuple[list[bytes | memoryview], int | None]]:
     """One inference request body, decoded, checked and costed; ``finish()``
     gives the response body and its JSON header's length (when binary data
-    follows)."""
+    follows). ``commas``: the body's, counted as it arrived (all JSON)."""
     start = time.perf_counter()
-    body = decompress(body, content_encoding, settings.max_body_bytes, admit)
-    header, binary = split_body(body, header_length)
-    admit(parse_bytes(header), "parsing the inference request")
+    raw = decompress(body, content_encoding, settings.max_body_bytes, admit)
+    header, binary = split_body(raw, header_length)
+    counted = commas if raw is body and header_length is None else None
+    admit(parse_bytes(header, counted), "parsing the inference request")
     request = parse_infer(spec, header, binary, ElementBudget.for_request(settings), regions)
     call = loss_call(request)
     timings.decode += time.perf_counter() - start
@@ -217,13 +219,17 @@ async def serve_infer(request: Request, spec: LossSpec) -> Response:
         if declared and declared.isascii() and declared.isdigit() and len(declared) < 19
         else 0
     )
-    body = await read_body(request, rt.settings.max_body_bytes, align=align)
+    # an all-JSON body has its commas counted as it arrives, as /v1's
+    body = await read_body(
+        request, rt.settings.max_body_bytes, align=align, count_commas=declared is None
+    )
     encoding = request_header(request, b"content-encoding") or ""
+    commas = request.scope["state"].get("body_commas")
     timings = Timings()
 
     def prepare(admit: Admit) -> Prepared[tuple[list[bytes | memoryview], int | None]]:
         return prepare_infer(
-            spec, body, declared, encoding, rt.settings, timings, admit, rt.regions
+            spec, body, declared, encoding, rt.settings, timings, admit, rt.regions, commas
         )
 
     pieces, length = await rt.evaluate(

@@ -12,8 +12,9 @@ from typing import Any
 import orjson
 import torch
 
+from service import fastjson
 from service.compute import Evaluation, device_name
-from service.errors import BadRequest, invalid, quote
+from service.errors import BadRequest, InvalidPayload, invalid, quote
 from service.losses import LossSpec
 from service.protocols.oip import (
     DATATYPE_NAMES,
@@ -91,9 +92,11 @@ def parse_infer(
     outputs (``regions``: the registered shared-memory regions inputs and
     outputs may name)."""
     try:
-        payload = orjson.loads(header)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"invalid JSON in the inference request header: {exc}") from None
+        # as /v1 parses: a large array of numbers comes out as one numpy buffer
+        payload = fastjson.loads(header)
+    except InvalidPayload as exc:
+        reason = exc.errors[0].msg.removeprefix("invalid JSON: ")
+        raise BadRequest(f"invalid JSON in the inference request header: {reason}") from None
     if not isinstance(payload, dict):
         raise BadRequest("the inference request must be a JSON object")
     unknown = set(payload) - REQUEST_FIELDS
