@@ -54,6 +54,7 @@ class Server:
     process: subprocess.Popen[bytes] | None = None
     # readiness for a server with no HTTP route (a gRPC one); else GET ready_path
     ready: Callable[[], bool] | None = None
+    cores: str = SERVER_CORE  # taskset's list
 
     @property
     def base(self) -> str:
@@ -67,7 +68,7 @@ class Server:
     def start(self) -> None:
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                ["taskset", "-c", SERVER_CORE, *self.command],
+                ["taskset", "-c", self.cores, *self.command],
                 cwd=ROOT,
                 env={**os.environ, **self.env},
                 stdin=subprocess.DEVNULL,

@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 import orjson
 
-from bench import client_rows, grpc_rows, load
+from bench import client_rows, grpc_rows, load, small_rows
 from bench.load import (
     BenchError,
     Server,
@@ -82,6 +82,8 @@ class Results:
     load_after: str = ""
     client: client_rows.ClientResults | None = None  # issue 14's rows
     grpc_ms: dict[str, float] = field(default_factory=dict)  # bench.grpc_rows
+    profile: small_rows.Profile | None = None  # issue 19's rows (bench.small_rows)
+    scaling: small_rows.Scaling | None = None
 
 
 @dataclass
@@ -401,6 +403,10 @@ def measure(opts: Options, work: Path, started: list[Server]) -> Results:
             res.large[(BARE, grad_col)] = extra.large[("bare", "pair")]
             res.grad_pairs[(row, plain_col)] = extra.large[("plain", "pair")]
         res.grpc_ms = grpc_rows.measure(s, g, opts.grpc_rounds)
+        print("== where the service's time goes: py-spy (bench/small_rows.py)", flush=True)
+        res.profile = small_rows.profile_service(s, load.wrk_script(p.small_nested, scripts))
+    print("== LOSS_SERVICE_WORKERS=2 against 1 (bench/small_rows.py)", flush=True)
+    res.scaling = small_rows.scaling(logs, started)
     print("== the Python client against curl (bench/client_rows.py)", flush=True)
     res.client = client_rows.measure(work, started, opts.repeats)
     res.load_after = loadavg()
@@ -664,6 +670,7 @@ def report(res: Results, opts: Options, started_at: datetime) -> str:
         "",
         *grpc_rows.report(res.grpc_ms),
         "",
+        *small_rows.report(res.profile, res.scaling),
         "Timings on a shared machine are noisy: compare ratios within one run, not "
         "absolute figures across runs.",
         "",
