@@ -31,10 +31,54 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.api.problems import has_body, problem_type
+from service.api.problems import problem_type
 from service.config import settings
 
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+class HeaderWatch:
+    """The header timeouts of every connection of one event loop, checked by
+    one timer: a connection only writes down when its headers are due (a
+    timer armed and cancelled per request cost more than the rest of the
+    connection's bookkeeping). A deadline is met within a tenth of the
+    timeout (at most 1 s) after it passes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.interval = min(1.0, max(0.05, timeout / 10))
+        self.connections: set[GuardedHttpToolsProtocol] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, connection: GuardedHttpToolsProtocol) -> None:
+        self.connections.add(connection)
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.interval, self.sweep)
+
+    def discard(self, connection: GuardedHttpToolsProtocol) -> None:
+        self.connections.discard(connection)
+
+    def sweep(self) -> None:
+        now = self.loop.time()
+        late = [c for c in self.connections if c.headers_due is not None and c.headers_due <= now]
+        for connection in late:
+            connection.headers_due = None
+            connection._header_timed_out()
+        self.timer = (
+            self.loop.call_later(self.interval, self.sweep) if self.connections else None
+        )
+
+
+_WATCHES: dict[asyncio.AbstractEventLoop, HeaderWatch] = {}
+
+
+def header_watch(loop: asyncio.AbstractEventLoop, timeout: float) -> HeaderWatch:
+    watch = _WATCHES.get(loop)
+    if watch is None:
+        for old in [other for other in _WATCHES if other.is_closed()]:
+            del _WATCHES[old]
+        watch = _WATCHES[loop] = HeaderWatch(loop, timeout)
+    return watch
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -45,7 +89,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # from the connection's start, then from each message's first byte
         self.awaiting_headers = True
         self.header_bytes = 0
-        self.header_timer: asyncio.TimerHandle | None = None
+        self.arriving = 0  # the bytes of the data_received call in progress
+        # loop.time() by which the headers (or a body's first bytes) must be in
+        self.headers_due: float | None = None
+        self.watch = header_watch(self.loop, self.header_timeout)
         self.write_timeout = settings.body_timeout
         self.write_timer: asyncio.TimerHandle | None = None
         self.refused = False
@@ -54,10 +101,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_header_timer()
+        self.headers_due = self.loop.time() + self.header_timeout
+        self.watch.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_header_timer()
+        self.headers_due = None
+        self.watch.discard(self)
         if self.write_timer is not None:
             self.write_timer.cancel()
             self.write_timer = None
@@ -82,7 +131,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return
+        self.arriving = len(data)
         super().data_received(data)
+        self.arriving = 0
         if self.awaiting_headers:  # a message has begun and its headers are not complete
             self.header_bytes += len(data)
         if self.refused or (self.awaiting_headers and self.header_bytes > self.max_header_bytes):
@@ -107,45 +158,38 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self.awaiting_headers = True
         self.header_bytes = 0
-        if self.header_timer is None:
-            self._arm_header_timer()
+        if self.headers_due is None:
+            self.headers_due = self.loop.time() + self.header_timeout
 
     def on_headers_complete(self) -> None:
         self.awaiting_headers = False
-        size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
-        if size > self.max_header_bytes:
-            self.refused = True
-            self._disarm_header_timer()
-            return
-        # the timer runs on until the body's first bytes (the application reads
-        # a small body without a timeout of its own)
-        if not has_body(self.headers):
-            self._disarm_header_timer()
+        # the request line and headers came in the bytes counted so far and
+        # the call in progress: only when those could exceed the cap are they
+        # measured one by one
+        if self.header_bytes + self.arriving > self.max_header_bytes:
+            size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+            if size > self.max_header_bytes:
+                self.refused = True
+                self.headers_due = None
+                return
+        # the deadline holds on until the body's first bytes (the application
+        # reads a small body without a timeout of its own); a message without
+        # a body completes here, in the same parse
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        self._disarm_header_timer()
+        self.headers_due = None
         if not self.refused:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._disarm_header_timer()
+        self.headers_due = None
         if not self.refused:
             super().on_message_complete()
 
     # ------------------------------------------------------------------ limits
 
-    def _arm_header_timer(self) -> None:
-        self._disarm_header_timer()
-        self.header_timer = self.loop.call_later(self.header_timeout, self._header_timed_out)
-
-    def _disarm_header_timer(self) -> None:
-        if self.header_timer is not None:
-            self.header_timer.cancel()
-            self.header_timer = None
-
     def _header_timed_out(self) -> None:
-        self.header_timer = None
         if self.transport.is_closing():
             return
         if self.awaiting_headers:
@@ -160,7 +204,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, detail: str) -> None:
         """Answer ``status`` with problem details and close the connection."""
         self.refused = True
-        self._disarm_header_timer()
+        self.headers_due = None
         if self.transport.is_closing():
             return
         slug = REASONS[status].decode().lower().replace(" ", "-")
