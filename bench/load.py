@@ -150,6 +150,9 @@ def service(log_dir: Path) -> Server:
         "LOSS_SERVICE_DEVICE": "cpu",
         # a free port, not Triton's 8001: another run may hold that one
         "LOSS_SERVICE_GRPC_PORT": str(free_port()),
+        # the console script's own sys.path lacks the checkout: without this,
+        # a run from another worktree measured the editable install's code
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
     }
     command = [str(VENV_BIN / "loss-service"), "serve"]
     return Server("service", command, env, "/readyz", log_dir / "service.log", port)

@@ -6,11 +6,13 @@ Each call reads one way: authorize -> resolve the model -> reserve the
 message in the memory budget -> ``oip_grpc.parse_infer`` -> ``oip.loss_call``
 -> ``Runtime.evaluate`` (the same places, slots and budget as HTTP) ->
 ``oip_grpc.encode_response``. Errors are the service's own, mapped to status
-codes; every call is counted and logged as an HTTP request is.
+codes; every call is counted and logged as an HTTP request is, in batches
+after its response has gone (``InferenceServicer.flush``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -30,11 +32,13 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service import __version__
+from service.api.middleware import RECORD_DELAY
 from service.api.ops import is_ready
 from service.api.runtime import Admit, Runtime
 from service.compute import Prepared, Timings, prepare
 from service.config import Settings
 from service.errors import ServiceError, Unauthorized
+from service.logs import AccessLog
 from service.losses import LossSpec
 from service.protocols import oip, oip_extensions, oip_grpc
 from service.tensors import ElementBudget
@@ -79,7 +83,7 @@ def _metadata(context: Context, key: str) -> str | None:
 def rpc(handler: Handler[Message]) -> Callable[..., Awaitable[Message]]:
     """A servicer method with the service's bookkeeping: the API key, the
     status code of a ``ServiceError``, the request's memory given back, one
-    metrics record and one log line."""
+    metrics record and one log line (``InferenceServicer.finished``)."""
     method = handler.__name__
 
     @wraps(handler)
@@ -111,7 +115,7 @@ def rpc(handler: Handler[Message]) -> Callable[..., Awaitable[Message]]:
         finally:
             stats.in_flight -= 1
             self.runtime.request_ended(scope)
-            self.record(method, context, scope, status, time.perf_counter() - start)
+            self.finished(method, context, scope, status, time.perf_counter() - start)
         raise AssertionError("context.abort raises")  # pragma: no cover
 
     return call
@@ -127,6 +131,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self.runtime = runtime
         self.settings = runtime.settings
         self.keys = [k.get_secret_value().encode() for k in self.settings.api_keys]
+        # finished calls not yet counted and logged: (method, scope, status,
+        # duration, time.time(), x-request-id)
+        self.pending: list[tuple[str, dict[str, Any], int, float, float, str | None]] = []
+        self.flush_on: asyncio.AbstractEventLoop | None = None  # where a flush is due
+        runtime.flushers.append(self.flush)
 
     def authorize(self, context: Context) -> None:
         if not self.keys:
@@ -142,7 +151,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 "a valid API key is required: metadata authorization: Bearer <key> or x-api-key"
             )
 
-    def record(
+    def finished(
         self,
         method: str,
         context: Context,
@@ -150,30 +159,63 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         status: int,
         duration: float,
     ) -> None:
+        """Leave a finished call to be counted and logged within
+        ``RECORD_DELAY`` seconds (sooner when ``/metrics`` is scraped or the
+        app shuts down), as the HTTP requests are: recorded one by one, cold,
+        that bookkeeping cost a small call a tenth of its time, and it came
+        before the response went out."""
+        request_id = None
+        if self.runtime.access_log is not None:
+            request_id = _metadata(context, "x-request-id")
+        self.pending.append((method, scope, status, duration, time.time(), request_id))
+        loop = asyncio.get_running_loop()
+        if self.flush_on is not loop:  # none due, or due on a loop that is gone
+            loop.call_later(RECORD_DELAY, self.flush)
+            self.flush_on = loop
+
+    def flush(self) -> None:
+        """Record every finished call not yet recorded."""
+        batch, self.pending, self.flush_on = self.pending, [], None
+        access_log = self.runtime.access_log
+        lines = [self._record(access_log, *call) for call in batch]
+        if access_log is not None and lines:
+            access_log.write(b"".join(line for line in lines if line is not None))
+
+    def _record(
+        self,
+        access_log: AccessLog | None,
+        method: str,
+        scope: dict[str, Any],
+        status: int,
+        duration: float,
+        now: float,
+        request_id: str | None,
+    ) -> bytes | None:
         """What an HTTP request leaves in the metrics and the log, with the
         gRPC method's path as its route."""
         route = f"/{SERVICE}/{method}"
         loss = scope.get("loss", "")
         stats = self.runtime.metrics.requests
         stats.record("GRPC", route, loss, status, duration)
-        extra = scope["state"].get("loss_stats") or {}
+        timings: Timings | None = scope.get("timings")
+        extra: dict[str, Any] = timings.stats() if timings is not None else {}
         if method == "ModelInfer" and loss:
-            self.runtime.metrics.models.record(loss, status, duration, extra, time.time())
-        stats.body_in += scope.get("bytes_in", 0)
-        stats.body_out += scope.get("bytes_out", 0)
+            self.runtime.metrics.models.record(loss, status, duration, extra, now)
+        bytes_in, bytes_out = scope.get("bytes_in", 0), scope.get("bytes_out", 0)
+        stats.body_in += bytes_in
+        stats.body_out += bytes_out
         if "tensor_bytes_in" in extra:
             stats.tensor_in += extra["tensor_bytes_in"]
             stats.tensor_out += extra["tensor_bytes_out"]
-        access_log = self.runtime.access_log
         if access_log is None:
-            return
-        request_id = _metadata(context, "x-request-id") or os.urandom(16).hex()
-        access_log.write(access_log.line({
+            return None
+        request_id = request_id or os.urandom(16).hex()
+        return access_log.line({
             "request_id": request_id[:200], "method": "GRPC", "route": route,
             "loss": loss or None, "status": status, "duration_ms": round(duration * 1000, 3),
-            "bytes_in": scope.get("bytes_in", 0), "bytes_out": scope.get("bytes_out", 0),
+            "bytes_in": bytes_in, "bytes_out": bytes_out,
             "device": extra.get("device"),
-        }, time.time()))  # fmt: skip
+        }, now)  # fmt: skip
 
     # ------------------------------------------------------------- health and metadata
 
@@ -220,7 +262,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, request: pb.ModelStatisticsRequest, context: Any, scope: dict[str, Any]
     ) -> pb.ModelStatisticsResponse:
         spec = _model(request.name, request.version, scope) if request.name else None
-        self.runtime.flush()  # the HTTP requests finished so far, not yet recorded
+        self.runtime.flush()  # the requests finished so far, not yet recorded
         statistics = oip_extensions.statistics(self.runtime.metrics.models, spec)
         return json_format.ParseDict(statistics, pb.ModelStatisticsResponse())
 
@@ -276,7 +318,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             return prepare(call, settings, timings, partial(oip_grpc.encode_response, infer))
 
         response = await rt.evaluate(scope, prepare_call, wire_bytes=size)
-        scope["state"]["loss_stats"] = timings.stats()
+        scope["timings"] = timings  # read when the call is recorded, after the response
         scope["bytes_out"] = response.ByteSize()
         # trailing: sent with the status, where initial metadata costs a write of its own
         context.set_trailing_metadata((("server-timing", timings.header().decode()),))

@@ -13,6 +13,7 @@ order) or in the typed ``contents`` fields; outputs always go back raw
 from __future__ import annotations
 
 import math
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,22 @@ CONTENTS: dict[str, tuple[str, type[np.generic]]] = {
     "FP64": ("fp64_contents", np.float64),
 }
 
+# Bytes per element of each datatype on the wire (looked up once, not per
+# request), and the numpy dtype raw bytes are read as where there is one
+# (BF16 has none; BOOL travels as one byte per element).
+ITEMSIZES: dict[str, int] = {datatype: oip.itemsize(datatype) for datatype in oip.ACCEPTED}
+RAW_DTYPES: dict[str, type[np.generic]] = {
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+    "BOOL": np.uint8,
+}
+# Output dtypes whose bytes numpy writes (the float dtypes but BF16).
+NUMPY_OUTPUT_DTYPES = frozenset({torch.float16, torch.float32, torch.float64})
+
 
 def parameter_value(parameter: pb.InferParameter) -> Any:
     """An ``InferParameter`` as the plain value a JSON parameter would be."""
@@ -61,58 +78,74 @@ def parse_infer(
     """A ModelInferRequest -> decoded tensors, parameters and outputs
     (``regions``: the registered shared-memory regions inputs and outputs
     may name)."""
+    parameters = message.parameters
     request = InferRequest(
         spec,
         message.id or None,
         tensors={},
-        parameters={k: parameter_value(v) for k, v in message.parameters.items()},
+        parameters={k: parameter_value(v) for k, v in parameters.items()} if parameters else {},
         outputs=None,
         binary_output=True,
     )
-    if not message.inputs:
+    inputs = list(message.inputs)
+    if not inputs:
         raise BadRequest(
             f"inputs must not be empty; model {spec.name} takes {oip.describe_inputs(spec)}"
         )
     shared = [
-        _shared_memory(f"input {quote(item.name)}", item.parameters, regions)
-        for item in message.inputs
+        _shared_memory("input", item.name, item.parameters, regions) if item.parameters else None
+        for item in inputs
     ]
     # raw_input_contents holds the inputs not in shared memory, in order (as Triton reads it)
     raw = list(message.raw_input_contents)
-    unshared = sum(ref is None for ref in shared)
+    unshared = shared.count(None)
     if raw and len(raw) != unshared:
         raise BadRequest(
             f"raw_input_contents holds {len(raw)} entries for {unshared} inputs not in shared "
             "memory; send one per such input, in input order, or none (typed contents)"
         )
     contents = iter(raw)
-    for item, ref in zip(message.inputs, shared, strict=True):
-        name = oip.input_name(spec, item.name)
-        oip.check_datatype(spec, name, item.datatype)
+    for item, ref in zip(inputs, shared, strict=True):
+        datatype = item.datatype
+        name = _checked_input(spec, item.name, datatype)
         if ref is None:
-            tensor = _decode_input(name, item, next(contents) if raw else None, budget)
+            tensor = _decode_input(name, item, datatype, next(contents) if raw else None, budget)
         else:
             assert regions is not None
-            shape = _checked_shape(name, item, budget)
-            tensor = oip.read_region(name, item.datatype, shape, regions, ref)
+            shape, _ = _checked_shape(name, item, budget)
+            tensor = oip.read_region(name, datatype, shape, regions, ref)
         oip.add_input(request, name, tensor)
     if message.outputs:
         request.outputs = []
         for output in message.outputs:
-            what = f"output {quote(output.name)}"
-            ref = _shared_memory(what, output.parameters, regions)
+            ref = _shared_memory("output", output.name, output.parameters, regions)
             requested = oip.output_request(spec, request.outputs, output.name)
             if ref is not None:
                 assert regions is not None
-                requested.target = regions.target(what, ref)
+                requested.target = regions.target(f"output {quote(output.name)}", ref)
             request.outputs.append(requested)
     oip.check_inputs(request)
     return request
 
 
-def _shared_memory(what: str, parameters: Any, regions: Regions | None) -> Reference | None:
-    """The region an input's or output's parameters name (the only parameters
-    a tensor may carry here), if any."""
+@cache
+def _checked_input(spec: LossSpec, name: str, datatype: str) -> str:
+    """An input's name and datatype, checked (``oip.input_name``,
+    ``oip.check_datatype``); what passed is remembered: the pairs a model
+    takes are few, and clients send the same ones call after call."""
+    name = oip.input_name(spec, name)
+    oip.check_datatype(spec, name, datatype)
+    return name
+
+
+def _shared_memory(
+    kind: str, name: str, parameters: Any, regions: Regions | None
+) -> Reference | None:
+    """The region an input's or output's (``kind``) parameters name (the only
+    parameters a tensor may carry here), if any."""
+    if not parameters:
+        return None
+    what = f"{kind} {quote(name)}"
     values = {k: parameter_value(v) for k, v in parameters.items()}
     unknown = set(values) - set(SHARED_MEMORY)
     if unknown:
@@ -128,30 +161,33 @@ def _shared_memory(what: str, parameters: Any, regions: Regions | None) -> Refer
 
 def _checked_shape(
     name: str, item: pb.ModelInferRequest.InferInputTensor, budget: ElementBudget
-) -> list[int]:
-    """An input's shape, checked and counted (its datatype: oip.check_datatype)."""
+) -> tuple[list[int], int]:
+    """An input's shape, checked and counted, and its number of elements (its
+    datatype: oip.check_datatype)."""
     shape = list(item.shape)
-    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+    if len(shape) > MAX_DIMS or min(shape, default=0) < 0:
         raise BadRequest(
             f"input {quote(name)}: shape must hold at most {MAX_DIMS} non-negative "
             f"dimensions, got {quote(shape)}"
         )
     extent = check_dims(shape, (name, "shape"))  # 422: a shape torch cannot hold
-    budget.take(name, math.prod(shape), extent)
-    return shape
+    numel = math.prod(shape)
+    budget.take(name, numel, extent)
+    return shape, numel
 
 
 def _decode_input(
     name: str,
     item: pb.ModelInferRequest.InferInputTensor,
+    datatype: str,
     raw: bytes | None,
     budget: ElementBudget,
 ) -> torch.Tensor:
-    shape = _checked_shape(name, item, budget)
-    datatype = item.datatype  # checked by oip.check_datatype
-    numel = math.prod(shape)
+    """One input from its raw bytes or typed contents (``datatype``: the
+    item's, checked by ``_checked_input``)."""
+    shape, numel = _checked_shape(name, item, budget)
     if raw is not None:
-        itemsize = oip.itemsize(datatype)
+        itemsize = ITEMSIZES[datatype]
         if len(raw) != numel * itemsize:
             raise BadRequest(
                 f"input {quote(name)}: raw_input_contents holds {len(raw)} bytes but shape "
@@ -159,6 +195,13 @@ def _decode_input(
             )
         if datatype in oip.WIDENED:
             return oip.widen_bytes(name, datatype, raw).reshape(shape)
+        np_dtype = RAW_DTYPES.get(datatype)
+        if np_dtype is not None and numel:
+            # protobuf's bytes are immutable: one copy into a bytearray, which
+            # the tensor then owns (numpy's view of it costs less than torch's)
+            values = np.frombuffer(bytearray(raw), np_dtype).reshape(shape)
+            tensor = torch.from_numpy(values)
+            return tensor != 0 if datatype == "BOOL" else tensor
         dtype = DATATYPES[datatype]
         wire_dtype = torch.uint8 if dtype == torch.bool else dtype
         return bytes_to_tensor(raw, wire_dtype, shape, as_bool=dtype == torch.bool)
@@ -201,8 +244,16 @@ def encode_response(request: InferRequest, evaluation: Evaluation) -> pb.ModelIn
             # an empty entry keeps raw_output_contents in step with outputs
             response.raw_output_contents.append(b"")
         else:
-            response.raw_output_contents.append(bytes(tensor_view(tensor)))
+            response.raw_output_contents.append(_raw_bytes(tensor))
     return response
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    """A CPU tensor's little-endian row-major bytes, copied once: numpy's
+    tobytes (any layout) where numpy has the dtype, else the codec's view."""
+    if tensor.dtype in NUMPY_OUTPUT_DTYPES:
+        return tensor.numpy().tobytes()
+    return bytes(tensor_view(tensor))
 
 
 def model_metadata(metadata: dict[str, Any]) -> pb.ModelMetadataResponse:
