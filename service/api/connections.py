@@ -64,9 +64,7 @@ class HeaderWatch:
         for connection in late:
             connection.headers_due = None
             connection._header_timed_out()
-        self.timer = (
-            self.loop.call_later(self.interval, self.sweep) if self.connections else None
-        )
+        self.timer = self.loop.call_later(self.interval, self.sweep) if self.connections else None
 
 
 _WATCHES: dict[asyncio.AbstractEventLoop, HeaderWatch] = {}

@@ -198,7 +198,11 @@ def prepare_infer(
     gives the response body and its JSON header's length (when binary data
     follows). ``commas``: the body's, counted as it arrived (all JSON)."""
     start = time.perf_counter()
-    raw = decompress(body, content_encoding, settings.max_body_bytes, admit)
+    raw = (
+        decompress(body, content_encoding, settings.max_body_bytes, admit)
+        if content_encoding
+        else body
+    )
     header, binary = split_body(raw, header_length)
     counted = commas if raw is body and header_length is None else None
     admit(parse_bytes(header, counted), "parsing the inference request")

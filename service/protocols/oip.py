@@ -155,6 +155,16 @@ def check_datatype(spec: LossSpec, name: str, datatype: str) -> None:
         )
 
 
+@cache
+def checked_input(spec: LossSpec, name: str, datatype: str) -> str:
+    """An input's name and datatype, checked (``input_name``,
+    ``check_datatype``); what passed is remembered: the pairs a model takes
+    are few, and clients send the same ones call after call."""
+    name = input_name(spec, name)
+    check_datatype(spec, name, datatype)
+    return name
+
+
 def widen(name: str, datatype: str, values: np.ndarray[Any, Any]) -> torch.Tensor:
     """An INT8/INT16/UINT16/UINT32/UINT64 input's values -> an int64 tensor,
     exactly: a value outside the datatype, or past int64, is a 422."""

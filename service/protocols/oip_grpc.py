@@ -13,7 +13,6 @@ order) or in the typed ``contents`` fields; outputs always go back raw
 from __future__ import annotations
 
 import math
-from functools import cache
 from typing import Any
 
 import numpy as np
@@ -107,7 +106,7 @@ def parse_infer(
     contents = iter(raw)
     for item, ref in zip(inputs, shared, strict=True):
         datatype = item.datatype
-        name = _checked_input(spec, item.name, datatype)
+        name = oip.checked_input(spec, item.name, datatype)
         if ref is None:
             tensor = _decode_input(name, item, datatype, next(contents) if raw else None, budget)
         else:
@@ -126,16 +125,6 @@ def parse_infer(
             request.outputs.append(requested)
     oip.check_inputs(request)
     return request
-
-
-@cache
-def _checked_input(spec: LossSpec, name: str, datatype: str) -> str:
-    """An input's name and datatype, checked (``oip.input_name``,
-    ``oip.check_datatype``); what passed is remembered: the pairs a model
-    takes are few, and clients send the same ones call after call."""
-    name = oip.input_name(spec, name)
-    oip.check_datatype(spec, name, datatype)
-    return name
 
 
 def _shared_memory(
@@ -184,7 +173,7 @@ def _decode_input(
     budget: ElementBudget,
 ) -> torch.Tensor:
     """One input from its raw bytes or typed contents (``datatype``: the
-    item's, checked by ``_checked_input``)."""
+    item's, checked by ``oip.checked_input``)."""
     shape, numel = _checked_shape(name, item, budget)
     if raw is not None:
         itemsize = ITEMSIZES[datatype]

@@ -24,9 +24,9 @@ from service.protocols.oip import (
     InferRequest,
     OutputRequest,
     add_input,
-    check_datatype,
     check_inputs,
     check_model_fields,
+    checked_input,
     describe_inputs,
     input_name,
     itemsize,
@@ -54,6 +54,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # Datatypes whose small JSON data is read in one step (small_tensor)
 DIRECT = frozenset({"FP16", "BF16", "FP32", "FP64", "INT64"})
 
+NO_BINARY = memoryview(b"")  # what follows an all-JSON body
+
 # A request body as read: bytes, or the buffer it was read into.
 Body = bytes | bytearray | memoryview
 
@@ -64,7 +66,7 @@ INPUT_FIELDS = frozenset({"name", "shape", "datatype", "parameters", "data"})
 def split_body(body: Body, header_length: str | None) -> tuple[Body, memoryview]:
     """The JSON header and the binary data after it."""
     if header_length is None:
-        return body, memoryview(b"")
+        return body, NO_BINARY
     text = header_length.strip()
     if not (text.isascii() and text.isdigit()):
         raise BadRequest(
@@ -170,7 +172,7 @@ def _decode_input(
     datatype = item.get("datatype")
     if not isinstance(datatype, str):
         raise BadRequest(f"input {quote(name)}: datatype must be a string, got {quote(datatype)}")
-    check_datatype(spec, name, datatype)
+    checked_input(spec, name, datatype)
     numel = math.prod(shape)
     size = None
     if item.get("parameters"):  # absent, null and {} all say nothing
