@@ -23,7 +23,7 @@ from service.api.hotpaths import HotPathDispatch, TrailingSlash
 from service.api.middleware import APIKeyMiddleware, ObservabilityMiddleware
 from service.api.runtime import Runtime
 from service.compute import available_devices
-from service.config import Settings, SettingsError, check_device
+from service.config import Settings, SettingsError, check_device, torch_threads
 from service.config import settings as default_settings
 from service.limits import keep_freed_memory
 from service.losses import LOSSES
@@ -83,8 +83,9 @@ def create_app(settings: Settings | None = None, *, fast_dispatch: bool = True) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        threads = torch_threads(settings)
+        if threads:
+            torch.set_num_threads(threads)
         keep_freed_memory(runtime.malloc_keep_bytes)
         # Decoding holds the GIL in the worker threads; with the default 5 ms
         # switch interval the event loop waited up to 5 ms for it at each of
