@@ -7,12 +7,11 @@ message in the memory budget -> ``oip_grpc.parse_infer`` -> ``oip.loss_call``
 -> ``Runtime.evaluate`` (the same places, slots and budget as HTTP) ->
 ``oip_grpc.encode_response``. Errors are the service's own, mapped to status
 codes; every call is counted and logged as an HTTP request is, in batches
-after its response has gone (``InferenceServicer.flush``).
+after its response has gone (``middleware.Records``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import os
@@ -32,7 +31,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service import __version__
-from service.api.middleware import RECORD_DELAY
+from service.api.middleware import Records
 from service.api.ops import is_ready
 from service.api.runtime import Admit, Runtime
 from service.compute import Prepared, Timings, prepare
@@ -133,9 +132,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self.keys = [k.get_secret_value().encode() for k in self.settings.api_keys]
         # finished calls not yet counted and logged: (method, scope, status,
         # duration, time.time(), x-request-id)
-        self.pending: list[tuple[str, dict[str, Any], int, float, float, str | None]] = []
-        self.flush_on: asyncio.AbstractEventLoop | None = None  # where a flush is due
-        runtime.flushers.append(self.flush)
+        self.records = Records(runtime, self._record)
 
     def authorize(self, context: Context) -> None:
         if not self.keys:
@@ -167,19 +164,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         request_id = None
         if self.runtime.access_log is not None:
             request_id = _metadata(context, "x-request-id")
-        self.pending.append((method, scope, status, duration, time.time(), request_id))
-        loop = asyncio.get_running_loop()
-        if self.flush_on is not loop:  # none due, or due on a loop that is gone
-            loop.call_later(RECORD_DELAY, self.flush)
-            self.flush_on = loop
-
-    def flush(self) -> None:
-        """Record every finished call not yet recorded."""
-        batch, self.pending, self.flush_on = self.pending, [], None
-        access_log = self.runtime.access_log
-        lines = [self._record(access_log, *call) for call in batch]
-        if access_log is not None and lines:
-            access_log.write(b"".join(line for line in lines if line is not None))
+        self.records.add(method, scope, status, duration, time.time(), request_id)
 
     def _record(
         self,

@@ -8,6 +8,7 @@ import hmac
 import itertools
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -80,14 +81,43 @@ def _labels(scope: Scope) -> tuple[str, str]:
     return path, last if last in LOSSES else ""
 
 
+class Records:
+    """What finished requests (HTTP or gRPC) leave for the metrics and the log,
+    recorded in batches at most ``RECORD_DELAY`` seconds after each finished
+    (sooner when ``/metrics`` is scraped or the app shuts down): done per
+    request, cold, that bookkeeping cost about as much as a small loss
+    evaluation itself, and it came before the response went out; in a batch
+    it runs warm, and the log lines go out in one ``write``. ``record`` takes
+    the access log (None when off) and one item, and gives its log line."""
+
+    def __init__(self, runtime: Runtime, record: Callable[..., bytes | None]) -> None:
+        self.runtime = runtime
+        self.record = record
+        self.pending: list[tuple[Any, ...]] = []
+        self.flush_on: asyncio.AbstractEventLoop | None = None  # where a flush is due
+        runtime.flushers.append(self.flush)
+
+    def add(self, *item: Any) -> None:
+        self.pending.append(item)
+        loop = asyncio.get_running_loop()
+        if self.flush_on is not loop:  # none due, or due on a loop that is gone
+            loop.call_later(RECORD_DELAY, self.flush)
+            self.flush_on = loop
+
+    def flush(self) -> None:
+        """Record every finished request not yet recorded."""
+        batch, self.pending, self.flush_on = self.pending, [], None
+        access_log = self.runtime.access_log
+        lines = [self.record(access_log, *item) for item in batch]
+        if access_log is not None and lines:
+            access_log.write(b"".join(line for line in lines if line is not None))
+
+
 class ObservabilityMiddleware:
     """X-Request-ID, metrics by route/loss/status, and one log line per request.
 
-    What a request leaves for the metrics and the log is recorded in batches,
-    at most ``RECORD_DELAY`` seconds after it finished (sooner when
-    ``/metrics`` is scraped or the app shuts down): done per request, cold,
-    that bookkeeping cost about as much as a small loss evaluation itself; in
-    a batch it runs warm, and the log lines go out in one ``write``.
+    What a request leaves for the metrics and the log is recorded in batches
+    (``Records``).
     """
 
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
@@ -97,9 +127,8 @@ class ObservabilityMiddleware:
         # the routes whose requests are inferences (the statistics extension)
         self.inference_routes = frozenset(r.path for r in COMPUTE_ROUTES)
         self.runtime = runtime
-        self.pending: list[tuple[Scope, dict[str, Any], bytes, float, float]] = []
-        self.flush_on: asyncio.AbstractEventLoop | None = None  # where a flush is due
-        runtime.flushers.append(self.flush)
+        # each: (scope, state, request id, duration, time.time())
+        self.records = Records(runtime, self._record)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,21 +161,7 @@ class ObservabilityMiddleware:
         finally:
             stats.in_flight -= 1
             self.runtime.request_ended(scope)
-            loop = asyncio.get_running_loop()
-            if self.flush_on is not loop:  # none due, or due on a loop that is gone
-                loop.call_later(RECORD_DELAY, self.flush)
-                self.flush_on = loop
-            self.pending.append(
-                (scope, state, request_id, time.perf_counter() - start, time.time())
-            )
-
-    def flush(self) -> None:
-        """Record every finished request not yet recorded."""
-        batch, self.pending, self.flush_on = self.pending, [], None
-        access_log = self.runtime.access_log
-        lines = [self._record(access_log, *request) for request in batch]
-        if access_log is not None and lines:
-            access_log.write(b"".join(line for line in lines if line is not None))
+            self.records.add(scope, state, request_id, time.perf_counter() - start, time.time())
 
     def _record(
         self,
