@@ -62,6 +62,10 @@ def test_health_readiness_docs_stay_open(keyed: TestClient) -> None:
         "/metrics",
     ):
         assert keyed.get(path).status_code == 200, path
+    # the root sends a browser to the docs, keys or not
+    root = keyed.get("/", follow_redirects=False)
+    assert root.status_code in (302, 307) and root.headers["location"].endswith("/docs")
+    assert keyed.post("/", json={}).status_code == 401  # only GET / is open
 
 
 def test_metrics_can_require_the_key() -> None:

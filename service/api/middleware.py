@@ -229,6 +229,7 @@ class APIKeyMiddleware:
             scope["type"] != "http"
             or scope["method"] == "OPTIONS"
             or path.startswith(self.open)
+            or (path == "/" and scope["method"] in ("GET", "HEAD"))  # to the docs
             or self.authorized(scope)
         ):
             await self.app(scope, receive, send)
