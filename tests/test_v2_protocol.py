@@ -424,3 +424,15 @@ def test_large_malformed_json_is_a_400(client: TestClient) -> None:
         "/v2/models/cross_entropy/infer", content=body, headers={"content-type": "application/json"}
     )
     assert "invalid JSON in the inference request header" in error(response, 400)
+
+
+@pytest.mark.parametrize("action", ["load", "unload"])
+def test_repository_load_and_unload_answer_the_documented_json(
+    client: TestClient, action: str
+) -> None:
+    """The OpenAPI document says application/json for their 200 (schemathesis
+    checks it): an empty object, where Triton sends no body."""
+    response = client.post(f"/v2/repository/models/BCELoss/{action}")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {}

@@ -136,14 +136,14 @@ def build_router() -> APIRouter:
         """Load a model: every loss is built in and loaded, so this only checks the name."""
         model(name)
         oip_extensions.check_load_parameters(parameters_of(await json_body(request, "parameters")))
-        return Response(status_code=200)
+        return json_response({})  # Triton sends no body; an empty object is the documented JSON
 
     @router.post("/repository/models/{name}/unload", responses=NO_OP)
     async def repository_model_unload(request: Request, name: str) -> Response:
         """Unload a model: a no-op (built-in losses stay loaded and ready)."""
         model(name)
         parameters_of(await json_body(request, "parameters"))
-        return Response(status_code=200)
+        return json_response({})
 
     @router.get("/models/{name}/config", responses=NOT_FOUND)
     def model_config(name: str) -> Response:
