@@ -18,9 +18,10 @@ from starlette.types import ASGIApp
 
 from service import __version__
 from service.api import ops, problems, shared_memory, v1, v2, v2_extensions
+from service.api.direct import DirectServer
 from service.api.grpc_server import start_grpc
 from service.api.hotpaths import HotPathDispatch, TrailingSlash
-from service.api.middleware import APIKeyMiddleware, ObservabilityMiddleware
+from service.api.middleware import APIKeyMiddleware, HttpRecords, ObservabilityMiddleware
 from service.api.runtime import Runtime
 from service.compute import available_devices
 from service.config import Settings, SettingsError, check_device, torch_threads
@@ -114,6 +115,9 @@ def create_app(settings: Settings | None = None, *, fast_dispatch: bool = True) 
     )
     app.state.runtime = runtime
     app.state.devices = []
+    records = HttpRecords(runtime)
+    # small compute requests answered by the connection layer (service.api.direct)
+    app.state.direct = DirectServer(runtime, records, settings) if fast_dispatch else None
     problems.install(app)
     app.include_router(v1.build_router())
     app.include_router(v2_extensions.build_router())  # before v2's /models/{name}
@@ -129,13 +133,13 @@ def create_app(settings: Settings | None = None, *, fast_dispatch: bool = True) 
     # compute route into a response itself).
     fastapi_stack = app.build_middleware_stack
     app.build_middleware_stack = lambda: service_middleware(  # type: ignore[method-assign]
-        fastapi_stack(), settings, runtime, fast_dispatch
+        fastapi_stack(), settings, records, fast_dispatch
     )
     return app
 
 
 def service_middleware(
-    inner: ASGIApp, settings: Settings, runtime: Runtime, fast_dispatch: bool = True
+    inner: ASGIApp, settings: Settings, records: HttpRecords, fast_dispatch: bool = True
 ) -> ASGIApp:
     """The service's middleware around FastAPI's stack, innermost first: the
     compute routes' dispatch, after a trailing slash is dropped; keys are
@@ -157,7 +161,7 @@ def service_middleware(
                            "Inference-Header-Content-Length"],
             expose_headers=["X-Request-ID", "Server-Timing", "Inference-Header-Content-Length"],
         )  # fmt: skip
-    return ObservabilityMiddleware(app, runtime=runtime)
+    return ObservabilityMiddleware(app, records)
 
 
 def default_app() -> FastAPI:

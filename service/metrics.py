@@ -110,6 +110,7 @@ class RequestStats(Collector):
         self.series: dict[tuple[str, str, str, int], Series] = {}
         self.in_flight = 0
         self.body_in = self.body_out = self.tensor_in = self.tensor_out = 0
+        self.direct = 0  # answered by the connection layer (service.api.direct)
         self.created = time.time()
 
     def record(self, method: str, route: str, loss: str, status: int, seconds: float) -> None:
@@ -169,7 +170,14 @@ class RequestStats(Collector):
         in_flight = GaugeMetricFamily(
             "loss_service_in_flight_requests", "Requests being served", value=self.in_flight
         )
-        yield from (requests, errors, latency, tensor, body, in_flight)
+        direct = CounterMetricFamily(
+            "loss_service_direct_responses",
+            "Compute requests answered by the connection layer, without an ASGI request cycle "
+            "(small bodies computed on the event loop); counted in loss_service_requests too",
+            value=self.direct,
+            created=self.created,
+        )
+        yield from (requests, errors, latency, tensor, body, in_flight, direct)
 
     def _in_out(self, name: str, documentation: str, in_: int, out: int) -> Metric:
         family = CounterMetricFamily(name, documentation, labels=["direction"])

@@ -19,8 +19,15 @@ protocol adds, per connection:
   are closed at once, while computations in flight finish.
 
 The body idle timeout is the application's own (``service.api.runtime``), so
-it holds under any ASGI server. ``loss-service serve`` installs this protocol;
-with plain uvicorn pass ``--http service.api.connections:GuardedHttpToolsProtocol``.
+it holds under any ASGI server.
+
+It also answers small compute requests itself, in the call that parsed them,
+without an ASGI request cycle (``service.api.direct``): a POST to a compute
+route whose whole small body came with its headers. Any other request, and
+any that one cannot answer, goes to the application as uvicorn would send it.
+
+``loss-service serve`` installs this protocol; with plain uvicorn pass
+``--http service.api.connections:GuardedHttpToolsProtocol``.
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.api.direct import Headers, direct_server
 from service.api.problems import problem_type
 from service.config import settings
 
@@ -94,6 +103,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.write_timeout = settings.body_timeout
         self.write_timer: asyncio.TimerHandle | None = None
         self.refused = False
+        # answering small compute requests here (None: the app has no direct server)
+        self.direct = direct_server(self.app)
+        self.direct_request: tuple[Any, str, Headers] | None = None  # (route, path, headers)
+        self.direct_body: list[bytes] = []
 
     # ------------------------------------------------------------------ connection
 
@@ -132,6 +145,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.arriving = len(data)
         super().data_received(data)
         self.arriving = 0
+        if self.direct_request is not None:
+            # its body did not all come with the headers: the ASGI way, with
+            # what came so far
+            self.direct_request = None
+            body, self.direct_body = b"".join(self.direct_body), []
+            if not self.transport.is_closing():
+                self._to_application(body, complete=False)
         if self.awaiting_headers:  # a message has begun and its headers are not complete
             self.header_bytes += len(data)
         if self.refused or (self.awaiting_headers and self.header_bytes > self.max_header_bytes):
@@ -170,6 +190,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self.refused = True
                 self.headers_due = None
                 return
+        if self.direct is not None and self._direct_candidate():
+            return  # no request cycle: answered at the message's end (or sent on)
         # the deadline holds on until the body's first bytes (the application
         # reads a small body without a timeout of its own); a message without
         # a body completes here, in the same parse
@@ -177,13 +199,81 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self.headers_due = None
-        if not self.refused:
+        if self.direct_request is not None:
+            self.direct_body.append(body)  # at most the direct server's body limit
+        elif not self.refused:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
         self.headers_due = None
-        if not self.refused:
+        if self.direct_request is not None:
+            self._answer_directly()
+        elif not self.refused:
             super().on_message_complete()
+
+    # ------------------------------------------------------------------ direct answers
+
+    def _direct_candidate(self) -> bool:
+        """Whether this request may be answered here: a POST to a compute
+        route, nothing in flight on the connection, the client reading its
+        responses, and headers the direct server takes."""
+        parser = self.parser
+        cycle = self.cycle
+        if (
+            parser.get_method() != b"POST"
+            or self.expect_100_continue
+            or (cycle is not None and not cycle.response_complete)
+            or self.flow.write_paused
+            or self.limit_concurrency is not None
+            or self.root_path
+            or parser.should_upgrade()
+        ):
+            return False
+        raw_path = httptools.parse_url(self.url).path
+        if b"%" in raw_path or not raw_path.isascii():
+            return False  # percent-decoding is uvicorn's
+        path = raw_path.decode("ascii")
+        headers = dict(reversed(self.headers))  # the first of a repeated name wins
+        assert self.direct is not None
+        found = self.direct.route(path, headers)
+        if found is None:
+            return False
+        self.direct_request = (found, path, headers)
+        self.direct_body = []
+        return True
+
+    def _answer_directly(self) -> None:
+        assert self.direct is not None and self.direct_request is not None
+        found, path, headers = self.direct_request
+        self.direct_request = None
+        chunks, self.direct_body = self.direct_body, []
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        parser = self.parser
+        keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
+        answer = self.direct.answer(
+            found, path, self.headers, headers, body, keep_alive,
+            self.server_state.default_headers,
+        )  # fmt: skip
+        if answer is None:
+            self._to_application(body, complete=True)
+            return
+        pieces, keep_alive = answer
+        if len(pieces) == 2 and len(pieces[1]) <= 256 * 1024:
+            self.transport.write(b"".join(pieces))  # one write, one segment
+        else:
+            self.transport.writelines(pieces)
+        if not keep_alive:
+            self.transport.close()
+        self.on_response_complete()  # uvicorn's: the next pipelined request, or keep-alive
+
+    def _to_application(self, body: bytes, complete: bool) -> None:
+        """Send the request the direct server did not answer to the
+        application, as uvicorn would have: its cycle, then the body so far."""
+        HttpToolsProtocol.on_headers_complete(self)
+        if body:
+            HttpToolsProtocol.on_body(self, body)
+        if complete:
+            HttpToolsProtocol.on_message_complete(self)
 
     # ------------------------------------------------------------------ limits
 

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import v1, v2  # noqa: F401  (they fill the route table)
 from service.api.problems import error_response
-from service.api.routes import COMPUTE_ROUTES, ComputeRoute
+from service.api.routes import COMPUTE_ROUTES, ComputeRoute, serve
 from service.errors import ServiceError
 
 log = logging.getLogger("service.errors")
@@ -32,6 +32,18 @@ class RouteLabel:
 
 # v1 and v2 enter their handlers in the table when imported
 HOT_PATHS = tuple((route, RouteLabel(route.path)) for route in COMPUTE_ROUTES)
+
+
+def match_compute(path: str) -> tuple[ComputeRoute, RouteLabel, dict[str, str]] | None:
+    """The compute route of a POST to ``path`` (one trailing slash dropped), its
+    label and path parameters."""
+    if len(path) > 1 and path[-1] == "/":
+        path = path[:-1]
+    for route, label in HOT_PATHS:
+        params = route.match(path)
+        if params is not None:
+            return route, label, params
+    return None
 
 
 HEALTHZ = RouteLabel("/healthz")
@@ -90,7 +102,7 @@ class HotPathDispatch:
     ) -> None:
         request = Request(scope, receive)
         try:
-            response = await route.serve(request, **params)
+            response = await serve(route, request, params)
         except ServiceError as exc:
             response = error_response(request, exc)
         except Exception:

@@ -61,7 +61,8 @@ class RequestIds:
 REQUEST_IDS = RequestIds()
 
 
-def _request_id(scope: Scope) -> bytes:
+def request_id_of(scope: Scope) -> bytes:
+    """The request's X-Request-ID when it gave a usable one, else a new one."""
     given = scope_header(scope, REQUEST_ID)
     if given and len(given) <= 200 and given.isascii() and given.decode().isprintable():
         return given
@@ -113,55 +114,17 @@ class Records:
             access_log.write(b"".join(line for line in lines if line is not None))
 
 
-class ObservabilityMiddleware:
-    """X-Request-ID, metrics by route/loss/status, and one log line per request.
+class HttpRecords(Records):
+    """What finished HTTP requests leave for the metrics and the log: one item
+    per request, from the request middleware or from the connection layer
+    (``service.api.direct``), recorded in batches."""
 
-    What a request leaves for the metrics and the log is recorded in batches
-    (``Records``).
-    """
-
-    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
-        self.app = app
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime, self._record)
         self.stats = runtime.metrics.requests
         self.models = runtime.metrics.models
         # the routes whose requests are inferences (the statistics extension)
         self.inference_routes = frozenset(r.path for r in COMPUTE_ROUTES)
-        self.runtime = runtime
-        # each: (scope, state, request id, duration, time.time())
-        self.records = Records(runtime, self._record)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        scope[RUNTIME_KEY] = self.runtime
-        request_id = _request_id(scope)
-        state: dict[str, Any] = {"status": 500, "in": 0, "out": 0}
-        scope.setdefault("state", {})["request_id"] = request_id.decode()
-
-        async def counting_receive() -> Message:
-            message = await receive()
-            if message["type"] == "http.request":
-                state["in"] += len(message.get("body", b""))
-            return message
-
-        async def tagging_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                state["status"] = message["status"]
-                message["headers"] = [*message.get("headers", []), (REQUEST_ID, request_id)]
-            elif message["type"] == "http.response.body":
-                state["out"] += len(message.get("body", b""))
-            await send(message)
-
-        stats = self.stats
-        stats.in_flight += 1
-        try:
-            await self.app(scope, counting_receive, tagging_send)
-        finally:
-            stats.in_flight -= 1
-            self.runtime.request_ended(scope)
-            self.records.add(scope, state, request_id, time.perf_counter() - start, time.time())
 
     def _record(
         self,
@@ -204,6 +167,62 @@ class ObservabilityMiddleware:
         return access_log.line(fields, now)
 
 
+class ObservabilityMiddleware:
+    """X-Request-ID, metrics by route/loss/status, and one log line per request
+    (recorded in batches: ``HttpRecords``)."""
+
+    def __init__(self, app: ASGIApp, records: HttpRecords) -> None:
+        self.app = app
+        self.records = records
+        self.runtime = records.runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        scope[RUNTIME_KEY] = self.runtime
+        request_id = request_id_of(scope)
+        state: dict[str, Any] = {"status": 500, "in": 0, "out": 0}
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                state["in"] += len(message.get("body", b""))
+            return message
+
+        async def tagging_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID, request_id)]
+            elif message["type"] == "http.response.body":
+                state["out"] += len(message.get("body", b""))
+            await send(message)
+
+        stats = self.records.stats
+        stats.in_flight += 1
+        try:
+            await self.app(scope, counting_receive, tagging_send)
+        finally:
+            stats.in_flight -= 1
+            self.runtime.request_ended(scope)
+            self.records.add(scope, state, request_id, time.perf_counter() - start, time.time())
+
+
+def has_key(scope: Scope, keys: list[bytes]) -> bool:
+    """Whether the request carries one of ``keys``: ``X-API-Key: <key>`` or
+    ``Authorization: Bearer <key>``."""
+    candidate = scope_header(scope, b"x-api-key")
+    if candidate is None:
+        auth = scope_header(scope, b"authorization") or b""
+        scheme, _, token = auth.partition(b" ")
+        candidate = token.strip() if scheme.lower() == b"bearer" else b""
+    # compare with every key, in constant time per key
+    matches = [hmac.compare_digest(candidate, key) for key in keys]
+    return any(matches)
+
+
 class APIKeyMiddleware:
     """With keys configured, every route but health, readiness and docs needs
     ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
@@ -214,14 +233,7 @@ class APIKeyMiddleware:
         self.open = OPEN_PATHS + (("/metrics",) if metrics_open else ())
 
     def authorized(self, scope: Scope) -> bool:
-        candidate = scope_header(scope, b"x-api-key")
-        if candidate is None:
-            auth = scope_header(scope, b"authorization") or b""
-            scheme, _, token = auth.partition(b" ")
-            candidate = token.strip() if scheme.lower() == b"bearer" else b""
-        # compare with every key, in constant time per key
-        matches = [hmac.compare_digest(candidate, key) for key in self.keys]
-        return any(matches)
+        return has_key(scope, self.keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")

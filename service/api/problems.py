@@ -109,14 +109,19 @@ def problem_body(error: ServiceError) -> dict[str, Any]:
 
 
 def error_response(request: Request, error: ServiceError) -> Response:
-    if request.url.path.startswith("/v2"):
+    return error_reply(request.scope, error)
+
+
+def error_reply(scope: Scope, error: ServiceError) -> Response:
+    """The response to ``error``, in the form of the request's protocol."""
+    if scope["path"].startswith("/v2"):
         content = orjson.dumps({"error": clip(error.detail)})
         media_type = "application/json"
     else:
         content = orjson.dumps(problem_body(error))
         media_type = "application/problem+json"
     headers = error.headers
-    if not request.scope.get("state", {}).get("body_read") and has_body(request.scope["headers"]):
+    if not scope.get("state", {}).get("body_read") and has_body(scope["headers"]):
         # answered before its body was read (refused from its headers, or
         # part-way): closing the connection stops the upload, where keeping
         # it would read and discard the rest of the body on the event loop

@@ -199,9 +199,9 @@ class Runtime:
         hold before they are computed.
         """
         deadline = time.monotonic() + self.settings.queue_timeout
-        if not compressed and wire_bytes <= self.settings.inline_max_body_bytes:
-            prepared = prepare(_admit_inline)
-            if prepared.memory_bytes <= INLINE_MAX_WORK_BYTES:
+        if self.decodes_inline(wire_bytes, compressed):
+            prepared = prepare(self.admit_inline)
+            if self.computes_inline(prepared):
                 return prepared.finish()
             held = self.reservation(scope)
             return await self.run(
@@ -209,6 +209,19 @@ class Runtime:
             )
         held = self.reservation(scope)
         return await self.run(self._in_pool, prepare, held, deadline, held=held, deadline=deadline)
+
+    def decodes_inline(self, wire_bytes: int, compressed: bool) -> bool:
+        """Whether a body is decoded on the event loop: small and uncompressed."""
+        return not compressed and wire_bytes <= self.settings.inline_max_body_bytes
+
+    @staticmethod
+    def computes_inline(prepared: Prepared[Any]) -> bool:
+        """Whether a decoded call is computed on the event loop: predicted small."""
+        return prepared.memory_bytes <= INLINE_MAX_WORK_BYTES
+
+    @staticmethod
+    def admit_inline(n: int, what: str) -> None:
+        """A small body parsed on the event loop holds little: nothing to reserve."""
 
     def _in_pool(
         self, prepare: Callable[[Admit], Prepared[T]], held: Reservation, deadline: float
@@ -318,10 +331,6 @@ class Runtime:
         self.metrics.computing.dec()
 
 
-def _admit_inline(n: int, what: str) -> None:
-    """A small body parsed on the event loop holds little: nothing to reserve."""
-
-
 RUNTIME_KEY = "loss_service.runtime"
 
 
@@ -350,7 +359,7 @@ async def read_body(
     as it arrives, for ``parse_bytes``: the count overlaps the upload instead
     of costing a pass of its own (``body_commas`` in the scope's state).
     """
-    length = header(request, b"content-length")
+    length = header(request.scope, b"content-length")
     declared = (
         int(length)
         if length is not None and length.isascii() and length.isdigit() and len(length) < 19
@@ -621,13 +630,14 @@ def scope_header(scope: Scope, name: bytes) -> bytes | None:
     return value if value is None or type(value) is bytes else bytes(value)
 
 
-def header(request: Request, name: bytes) -> str | None:
-    value = scope_header(request.scope, name)
+def header(scope: Scope, name: bytes) -> str | None:
+    """One request header as text (``scope_header``)."""
+    value = scope_header(scope, name)
     return value.decode("latin-1") if value is not None else None
 
 
-def require_json(request: Request) -> None:
-    raw = scope_header(request.scope, b"content-type")
+def require_json(scope: Scope) -> None:
+    raw = scope_header(scope, b"content-type")
     if raw == b"application/json":
         return
     media = (raw or b"").decode("latin-1").split(";")[0].strip().lower()

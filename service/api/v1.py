@@ -10,13 +10,15 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from service.api.problems import problem_body
-from service.api.routes import compute_route, route
+from service.api.routes import Reading, Work, compute_route, serve
 from service.api.runtime import (
     Admit,
     Body,
     RawResponse,
+    Runtime,
     decompress,
     header,
     is_compressed,
@@ -58,7 +60,34 @@ def json_response(content: Any, headers: dict[str, str] | None = None) -> Respon
     return Response(orjson.dumps(content), media_type="application/json", headers=headers)
 
 
-async def serve_loss(request: Request, spec: LossSpec) -> Response:
+def _json_work(
+    scope: Scope,
+    body: Body,
+    rt: Runtime,
+    make: Callable[[Any, Settings, Timings], Prepared[bytes]],
+) -> Work[bytes]:
+    """A JSON compute body (its commas counted as it arrived, when it was
+    large): parsed, then ``make`` the costed work; the answer carries its
+    Server-Timing."""
+    encoding = header(scope, b"content-encoding") or ""
+    commas = scope["state"].get("body_commas")
+    settings = rt.settings
+    timings = Timings()
+
+    def prepare(admit: Admit) -> Prepared[bytes]:
+        payload = _parse_body(body, encoding, settings, timings, admit, commas)
+        return make(payload, settings, timings)
+
+    def respond(content: bytes) -> Response:
+        scope["state"]["loss_stats"] = timings.stats()
+        return RawResponse(content, b"application/json", [(b"server-timing", timings.header())])
+
+    return Work(prepare, respond, compressed=is_compressed(encoding))
+
+
+def loss_maker(spec: LossSpec) -> Callable[[Any, Settings, Timings], Prepared[bytes]]:
+    """How a /v1 loss body becomes the costed work whose result is the response body."""
+
     def make(payload: Any, settings: Settings, timings: Timings) -> Prepared[bytes]:
         evaluation = prepare_loss(spec, payload, settings, timings)
 
@@ -71,31 +100,42 @@ async def serve_loss(request: Request, spec: LossSpec) -> Response:
 
         return Prepared(evaluation.memory_bytes, finish)
 
-    return await _serve_json(request, make)
+    return make
+
+
+def open_loss(scope: Scope, name: str) -> tuple[Reading, LossSpec]:
+    """An unknown loss is a 404 and a body that is not JSON a 415, before the body is read."""
+    spec = resolve(name)
+    require_json(scope)
+    return JSON_READING, spec
+
+
+def loss_work(scope: Scope, body: Body, rt: Runtime, spec: LossSpec) -> Work[bytes]:
+    return _json_work(scope, body, rt, loss_maker(spec))
+
+
+JSON_READING = Reading(count_commas=True)
+BY_NAME = compute_route("/v1/losses/{name}", open_loss, loss_work)
+
+
+async def post_by_name(request: Request, name: str) -> Response:
+    """Evaluate a loss named by its function or torch.nn class name (any case)."""
+    return await serve(BY_NAME, request, {"name": name})
 
 
 async def _serve_json(
     request: Request, make: Callable[[Any, Settings, Timings], Prepared[bytes]]
 ) -> Response:
-    """A JSON compute route: read the body (its commas counted as it
-    arrives), then parse it and ``make`` the costed work where the runtime
-    decides, and answer with its Server-Timing."""
-    require_json(request)
+    """A JSON route outside the compute table (the batch)."""
+    scope = request.scope
+    require_json(scope)
     rt = runtime(request)
     body = await read_body(request, rt.settings.max_body_bytes, count_commas=True)
-    encoding = header(request, b"content-encoding") or ""
-    commas = request.scope["state"].get("body_commas")
-    timings = Timings()
-
-    def prepare(admit: Admit) -> Prepared[bytes]:
-        payload = _parse_body(body, encoding, rt.settings, timings, admit, commas)
-        return make(payload, rt.settings, timings)
-
-    content = await rt.evaluate(
-        request.scope, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
+    work = _json_work(scope, body, rt, make)
+    result = await rt.evaluate(
+        scope, work.prepare, wire_bytes=len(body), compressed=work.compressed
     )
-    request.scope["state"]["loss_stats"] = timings.stats()
-    return RawResponse(content, b"application/json", [(b"server-timing", timings.header())])
+    return work.respond(result)
 
 
 def _parse_body(
@@ -116,15 +156,9 @@ def _parse_body(
     return payload
 
 
-@compute_route("/v1/losses/{name}")
-async def post_by_name(request: Request, name: str) -> Response:
-    """Evaluate a loss named by its function or torch.nn class name (any case)."""
-    return await serve_loss(request, resolve(name))
-
-
 def _loss_endpoint(spec: LossSpec) -> Any:
     async def endpoint(request: Request) -> Response:
-        return await serve_loss(request, spec)
+        return await serve(BY_NAME, request, {"name": spec.name})
 
     endpoint.__name__ = f"post_{spec.name}"
     endpoint.__doc__ = f"Evaluate torch.nn.functional.{spec.name} (alias {spec.alias})."
@@ -169,9 +203,8 @@ def build_router() -> APIRouter:
             },
         )
 
-    by_name = route("/v1/losses/{name}")
     router.add_api_route(
-        by_name.path.removeprefix("/v1"), by_name.serve, methods=["POST"], include_in_schema=False
+        BY_NAME.path.removeprefix("/v1"), post_by_name, methods=["POST"], include_in_schema=False
     )
 
     @router.post(

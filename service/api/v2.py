@@ -18,21 +18,23 @@ import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
+from starlette.types import Scope
 
 from service import __version__
 from service.api.ops import is_ready
-from service.api.routes import compute_route, route
+from service.api.routes import Reading, Work, compute_route, serve
 from service.api.runtime import (
     Admit,
     PiecesResponse,
     RawResponse,
+    Runtime,
     decompress,
+    header,
     is_compressed,
     parse_bytes,
-    read_body,
     runtime,
+    scope_header,
 )
-from service.api.runtime import header as request_header
 from service.api.v1 import json_response
 from service.compute import Prepared, Timings, prepare
 from service.config import Settings
@@ -215,47 +217,66 @@ def prepare_infer(
 # --------------------------------------------------------------------------- routes
 
 
-async def serve_infer(request: Request, spec: LossSpec) -> Response:
-    rt = runtime(request)
-    declared = request_header(request, HEADER_LENGTH_KEY)
+def open_infer(scope: Scope, spec: LossSpec) -> tuple[Reading, LossSpec]:
+    """An inference request's body: raw tensor bytes, when announced, start
+    where the JSON header ends; an all-JSON body has its commas counted as it
+    arrives, as /v1's."""
+    declared = scope_header(scope, HEADER_LENGTH_KEY)
     align = (  # ASCII digits only: "²" is a digit too, and int() refuses it
         int(declared)
         if declared and declared.isascii() and declared.isdigit() and len(declared) < 19
         else 0
     )
-    # an all-JSON body has its commas counted as it arrives, as /v1's
-    body = await read_body(
-        request, rt.settings.max_body_bytes, align=align, count_commas=declared is None
-    )
-    encoding = request_header(request, b"content-encoding") or ""
-    commas = request.scope["state"].get("body_commas")
+    return Reading(align=align, count_commas=declared is None), spec
+
+
+Reply = tuple[list[bytes | memoryview], int | None]
+
+
+def infer_work(scope: Scope, body: Body, rt: Runtime, spec: LossSpec) -> Work[Reply]:
+    declared = header(scope, HEADER_LENGTH_KEY)
+    encoding = header(scope, b"content-encoding") or ""
+    commas = scope["state"].get("body_commas")
     timings = Timings()
 
-    def prepare(admit: Admit) -> Prepared[tuple[list[bytes | memoryview], int | None]]:
+    def prepare(admit: Admit) -> Prepared[Reply]:
         return prepare_infer(
             spec, body, declared, encoding, rt.settings, timings, admit, rt.regions, commas
         )
 
-    pieces, length = await rt.evaluate(
-        request.scope, prepare, wire_bytes=len(body), compressed=is_compressed(encoding)
-    )
-    request.scope["state"]["loss_stats"] = timings.stats()
-    headers = [(b"server-timing", timings.header())]
-    if length is None:
-        return RawResponse(pieces[0], b"application/json", headers)
-    headers.append((HEADER_LENGTH_KEY, b"%d" % length))
-    return PiecesResponse(pieces, b"application/octet-stream", headers)
+    def respond(reply: Reply) -> Response:
+        pieces, length = reply
+        scope["state"]["loss_stats"] = timings.stats()
+        headers = [(b"server-timing", timings.header())]
+        if length is None:
+            return RawResponse(pieces[0], b"application/json", headers)
+        headers.append((HEADER_LENGTH_KEY, b"%d" % length))
+        return PiecesResponse(pieces, b"application/octet-stream", headers)
+
+    return Work(prepare, respond, compressed=is_compressed(encoding))
 
 
-@compute_route("/v2/models/{name}/infer")
+def open_model(scope: Scope, name: str) -> tuple[Reading, LossSpec]:
+    return open_infer(scope, resolve(name))
+
+
+def open_model_version(scope: Scope, name: str, version: str) -> tuple[Reading, LossSpec]:
+    return open_infer(scope, model(name, version))
+
+
+INFER = compute_route("/v2/models/{name}/infer", open_model, infer_work)
+INFER_VERSION = compute_route(
+    "/v2/models/{name}/versions/{version}/infer", open_model_version, infer_work
+)
+
+
 async def model_infer(request: Request, name: str) -> Response:
     """Evaluate the loss: JSON or binary tensor data in, the same out."""
-    return await serve_infer(request, resolve(name))
+    return await serve(INFER, request, {"name": name})
 
 
-@compute_route("/v2/models/{name}/versions/{version}/infer")
 async def model_infer_version(request: Request, name: str, version: str) -> Response:
-    return await serve_infer(request, model(name, version))
+    return await serve(INFER_VERSION, request, {"name": name, "version": version})
 
 
 def model_readiness(request: Request, spec: LossSpec) -> Response:
@@ -345,14 +366,13 @@ def build_router() -> APIRouter:
         return model_readiness(request, model(name, version))
 
     # POST infer, and its versioned form (for clients that name a version)
-    for path, documented in (
-        ("/v2/models/{name}/infer", True),
-        ("/v2/models/{name}/versions/{version}/infer", False),
+    for infer, endpoint, documented in (
+        (INFER, model_infer, True),
+        (INFER_VERSION, model_infer_version, False),
     ):
-        infer = route(path)
         router.add_api_route(
             infer.path.removeprefix("/v2"),
-            infer.serve,
+            endpoint,
             methods=["POST"],
             response_model=InferenceResponse if documented else None,
             responses=ERROR_RESPONSES if documented else None,
