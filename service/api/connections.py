@@ -44,6 +44,10 @@ from service.api.problems import problem_type
 from service.config import settings
 
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+# Requests of one read answered directly at most: the rest of a pipelined read
+# goes to the application, whose tasks take turns with every other connection
+# (a read of 256 KiB can hold thousands of small requests).
+DIRECT_PER_READ = 4
 
 
 class HeaderWatch:
@@ -103,6 +107,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.write_timeout = settings.body_timeout
         self.write_timer: asyncio.TimerHandle | None = None
         self.refused = False
+        self.completed_here = False  # a message completed in the read in progress
+        self.answered_here = 0  # requests answered directly in the read in progress
         # answering small compute requests here (None: the app has no direct server)
         self.direct = direct_server(self.app)
         self.direct_request: tuple[Any, str, Headers] | None = None  # (route, path, headers)
@@ -143,6 +149,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.refused:
             return
         self.arriving = len(data)
+        self.completed_here = False
+        self.answered_here = 0
         super().data_received(data)
         self.arriving = 0
         if self.direct_request is not None:
@@ -154,6 +162,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._to_application(body, complete=False)
         if self.awaiting_headers:  # a message has begun and its headers are not complete
             self.header_bytes += len(data)
+            if self.completed_here and self.header_bytes > self.max_header_bytes:
+                # this read held whole (pipelined) messages before this one's
+                # start: count what is known of this one instead (a header line
+                # still arriving is counted from the next read on, so the slack
+                # is at most the rest of this read)
+                self.header_bytes = len(self.url) + sum(
+                    len(k) + len(v) + 4 for k, v in self.headers
+                )
         if self.refused or (self.awaiting_headers and self.header_bytes > self.max_header_bytes):
             self._refuse(
                 431,
@@ -206,6 +222,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self.headers_due = None
+        self.completed_here = True
         if self.direct_request is not None:
             self._answer_directly()
         elif not self.refused:
@@ -221,6 +238,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if (
             parser.get_method() != b"POST"
+            or self.answered_here >= DIRECT_PER_READ
             or self.expect_100_continue
             or (cycle is not None and not cycle.response_complete)
             or self.flow.write_paused
@@ -229,7 +247,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             or parser.should_upgrade()
         ):
             return False
-        raw_path = httptools.parse_url(self.url).path
+        url = self.url
+        # a path without a query (or fragment) is the whole request target
+        plain = url[:1] == b"/" and b"?" not in url and b"#" not in url
+        raw_path = url if plain else httptools.parse_url(url).path
         if b"%" in raw_path or not raw_path.isascii():
             return False  # percent-decoding is uvicorn's
         path = raw_path.decode("ascii")
@@ -258,6 +279,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._to_application(body, complete=True)
             return
         pieces, keep_alive = answer
+        self.answered_here += 1
         if len(pieces) == 2 and len(pieces[1]) <= 256 * 1024:
             self.transport.write(b"".join(pieces))  # one write, one segment
         else:

@@ -34,14 +34,25 @@ class RouteLabel:
 HOT_PATHS = tuple((route, RouteLabel(route.path)) for route in COMPUTE_ROUTES)
 
 
-def match_compute(path: str) -> tuple[ComputeRoute, RouteLabel, dict[str, str]] | None:
+Found = tuple[ComputeRoute, RouteLabel, dict[str, str]]
+# paths seen, with their route: clients repeat their paths, and three regular
+# expressions cost more than a lookup (bounded: a path is the client's choice)
+_MATCHED: dict[str, Found] = {}
+MATCHED_MAX = 1024
+
+
+def match_compute(path: str) -> Found | None:
     """The compute route of a POST to ``path`` (one trailing slash dropped), its
-    label and path parameters."""
-    if len(path) > 1 and path[-1] == "/":
-        path = path[:-1]
+    label and path parameters (shared: read them, never change them)."""
+    found = _MATCHED.get(path)
+    if found is not None:
+        return found
+    stripped = path[:-1] if len(path) > 1 and path[-1] == "/" else path
     for route, label in HOT_PATHS:
-        params = route.match(path)
+        params = route.match(stripped)
         if params is not None:
+            if len(_MATCHED) < MATCHED_MAX:
+                _MATCHED[path] = (route, label, params)
             return route, label, params
     return None
 
