@@ -116,6 +116,20 @@ class DirectServer:
         return out, keep_alive
 
 
+# (status, uvicorn's default headers) -> the status line and those headers:
+# uvicorn renews its list (the date) once a second
+_HEADS: dict[int, tuple[list[tuple[bytes, bytes]], bytes]] = {}
+
+
+def _head(status: int, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    cached = _HEADS.get(status)
+    if cached is not None and cached[0] is default_headers:
+        return cached[1]
+    head = STATUS_LINE[status] + b"".join(b"%s: %s\r\n" % pair for pair in default_headers)
+    _HEADS[status] = (default_headers, head)
+    return head
+
+
 def _write(
     response: Response,
     request_id: bytes,
@@ -125,9 +139,7 @@ def _write(
     """The status line and headers as uvicorn writes them (its default
     headers first, the request id last, as the request middleware adds it),
     then the body's pieces; and whether the connection stays open."""
-    head = [STATUS_LINE[response.status_code]]
-    for name, value in default_headers:
-        head += (name, b": ", value, b"\r\n")
+    head = [_head(response.status_code, default_headers)]
     close = False
     for name, value in response.raw_headers:
         head += (name, b": ", value, b"\r\n")
