@@ -15,8 +15,8 @@ from tests.cases import CASES, Case
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_tensor_bytes_in_are_what_the_tensors_hold(case: Case) -> None:
     spec = case.spec
-    arguments: dict[str, Argument] = {
-        name: (value, True) if isinstance(value, torch.Tensor) else value
+    arguments: dict[str, Argument] = {  # copies: compute sets requires_grad on them
+        name: (value.clone(), True) if isinstance(value, torch.Tensor) else value
         for name, value in case.tensors.items()
     }
     options = parse_options(spec, case.options, ("parameters",))
