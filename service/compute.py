@@ -178,6 +178,10 @@ class Plan:
     cost: Cost
     memory_bytes: int
     warnings: list[str]
+    # what the tensors hold, and whether any is on a GPU already (a CUDA
+    # shared-memory region): read in plan's one pass over them
+    tensor_bytes: int
+    on_cuda: bool
 
 
 def prepare(
@@ -215,16 +219,30 @@ def plan(call: LossCall, settings: Settings, timings: Timings) -> Plan:
     except InvalidPayload as exc:
         raise relocate(exc, call.loc) from None
     options = call.options
-    # torch.Size is a tuple: shapes and dtypes key the cost as they are
-    shapes = tuple((k, v.shape) for k, v in tensors.items() if isinstance(v, torch.Tensor))
-    floats = tuple(
-        v.dtype for v in tensors.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
-    )
+    # One pass over the tensors for all that is read of them here and in
+    # compute. torch.Size is a tuple: shapes and dtypes key the cost as they are.
+    shapes: list[tuple[str, torch.Size]] = []
+    floats: list[torch.dtype] = []
+    tensor_bytes, on_cuda = 0, False
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor):
+            shapes.append((name, value.shape))
+            if value.is_floating_point():
+                floats.append(value.dtype)
+            tensor_bytes += value.nbytes
+            on_cuda = on_cuda or value.is_cuda
     lengths = tensors.get("target_lengths")
     longest = (  # CTC's tables hold N x T x (2S + 1) cells: S is the longest target
         int(lengths.max()) if isinstance(lengths, torch.Tensor) and lengths.numel() else None
     )
-    key = (shapes, floats, longest, tuple(grad_names), call.encoding, call.raw_outputs)
+    key = (
+        tuple(shapes),
+        tuple(floats),
+        longest,
+        tuple(grad_names),
+        call.encoding,
+        call.raw_outputs,
+    )
     try:
         cost, memory = _costed(spec, tuple(options.items()), *key)
     except TypeError:  # an option value that cannot be a cache key
@@ -237,7 +255,7 @@ def plan(call: LossCall, settings: Settings, timings: Timings) -> Plan:
             f"{settings.max_work_elements} (LOSS_SERVICE_MAX_WORK_ELEMENTS)"
         )
     timings.decode += time.perf_counter() - start
-    return Plan(call, tensors, grad_names, device, cost, memory, notes)
+    return Plan(call, tensors, grad_names, device, cost, memory, notes, tensor_bytes, on_cuda)
 
 
 @lru_cache(maxsize=4096)
@@ -311,18 +329,14 @@ def compute(checked: Plan, timings: Timings) -> Evaluation:
     tensors, device = checked.tensors, checked.device
     # decoded on the CPU (or over a CUDA shared-memory region), checked there,
     # then moved once (a CPU call on CPU tensors moves nothing)
-    if device.type != "cpu" or any(
-        isinstance(v, torch.Tensor) and v.is_cuda for v in tensors.values()
-    ):
+    if device.type != "cpu" or checked.on_cuda:
         tensors = {
             k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()
         }
     moved_at = time.perf_counter()
     timings.decode += moved_at - start
     timings.device = device_name(device)
-    timings.tensor_bytes_in += sum(
-        t.nbytes for t in tensors.values() if isinstance(t, torch.Tensor)
-    )
+    timings.tensor_bytes_in += checked.tensor_bytes  # as many on any device
     evaluation = run_loss(checked.call, tensors, checked.grad_names)
     evaluation.warnings = checked.warnings
     timings.compute += time.perf_counter() - moved_at

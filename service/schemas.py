@@ -7,7 +7,9 @@ Python object is validated per element; ``service.tensors`` decodes them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, Literal
 
@@ -162,18 +164,29 @@ def refuse_deprecated(spec: LossSpec, keys: Any, loc: tuple[str | int, ...]) -> 
         )
 
 
-# Option sets already validated, and what they came out as: clients repeat
-# theirs (most send none), and validating them cost more than a small loss.
+# Option sets (and v1 envelopes) already validated, and what they came out
+# as: clients repeat theirs (most send none), and validating them cost more
+# than a small loss.
 _PARSED_OPTIONS: dict[tuple[Any, ...], dict[str, Any]] = {}
+_PARSED_ENVELOPES: dict[tuple[Any, ...], dict[str, Any]] = {}
 PARSED_OPTIONS_KEPT = 4096
+
+
+def _value_key(name: str, value: Any) -> tuple[Any, ...]:
+    """One given value as part of a cache key: its type too (1, 1.0 and True
+    are equal but not the same option), and a float's sign (-0.0 == 0.0, but
+    torch keeps a zero's sign: margin_ranking_loss with margin -0.0 gives
+    -0.0 where 0.0 gives 0.0)."""
+    if type(value) is float:
+        return (name, float, value, math.copysign(1.0, value))
+    return (name, type(value), value)
 
 
 def parse_options(
     spec: LossSpec, values: dict[str, Any], loc: tuple[str | int, ...]
 ) -> dict[str, Any]:
     """Options given by name -> every option of the loss, checked, defaults filled in."""
-    # each value's type is in the key: 1, 1.0 and True are equal but not the same option
-    key: tuple[Any, ...] | None = (spec, *((k, type(v), v) for k, v in values.items()))
+    key: tuple[Any, ...] | None = (spec, *(_value_key(k, v) for k, v in values.items()))
     try:
         parsed = _PARSED_OPTIONS.get(key)  # type: ignore[arg-type]
     except TypeError:  # a value that cannot be a key (a list)
@@ -190,20 +203,71 @@ def parse_options(
     return dict(parsed)
 
 
+@dataclass(frozen=True)
+class _Envelope:
+    """What a v1 request body may hold, for ``parse_request``'s cache."""
+
+    fields: frozenset[str]  # every field of the request model
+    required: frozenset[str]
+    # the tensor fields: pydantic passes their values through as they came
+    # (TensorIn is Any), so the cache leaves them out of its key
+    tensors: frozenset[str]
+
+
+@cache
+def _envelope(spec: LossSpec) -> _Envelope:
+    model = request_model(spec)
+    return _Envelope(
+        frozenset(model.model_fields),
+        frozenset(n for n, f in model.model_fields.items() if f.is_required()),
+        frozenset((*spec.tensor_names, "grad_output")),
+    )
+
+
 def parse_request(
     spec: LossSpec, body: Any, loc: tuple[str | int, ...] = ("body",)
-) -> LossRequestBase:
-    """Validate a v1 request body's envelope; tensor values are left as they came."""
+) -> dict[str, Any]:
+    """Validate a v1 request body's envelope -> every field's value by name,
+    defaults filled in; tensor values are left as they came.
+
+    The rest of the envelope (options, dtype, grad, ...) is validated once
+    per distinct set of values and remembered, as ``parse_options`` does
+    (pydantic cost more than a small loss): a body of known fields, its
+    required ones among them, whose other values were validated before takes
+    what they came out as; anything else goes through pydantic, which also
+    words every error."""
     if not isinstance(body, dict):
         raise InvalidPayload(
             [FieldError(loc, f"expected a JSON object, got {type(body).__name__}")]
         )
+    envelope = _envelope(spec)
+    tensors, given = envelope.tensors, body.keys()
+    key: tuple[Any, ...] | None = None
+    if envelope.required <= given <= envelope.fields:
+        # the common body holds tensors alone: every other field its default
+        plain = given <= tensors
+        key = (
+            (spec,)
+            if plain
+            else (spec, *(_value_key(k, v) for k, v in body.items() if k not in tensors))
+        )
+        try:
+            parsed = _PARSED_ENVELOPES.get(key)
+        except TypeError:  # a value that cannot be a key (a list of grad names)
+            parsed, key = None, None
+        if parsed is not None:
+            fields = dict(parsed)  # the tensor fields None: then the values given
+            fields.update(body if plain else {k: body[k] for k in given & tensors})
+            return fields
     refuse_deprecated(spec, body, loc)
     model = request_model(spec)
     try:
-        return model.model_validate(body)
+        fields = model.model_validate(body).__dict__
     except ValidationError as exc:
         raise validation_error(exc, loc, list(model.model_fields)) from None
+    if key is not None and len(_PARSED_ENVELOPES) < PARSED_OPTIONS_KEPT:
+        _PARSED_ENVELOPES[key] = {k: None if k in tensors else v for k, v in fields.items()}
+    return fields
 
 
 def validation_error(

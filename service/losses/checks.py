@@ -30,10 +30,11 @@ def shape(t: torch.Tensor) -> list[int]:
 
 def class_dim(input: torch.Tensor, *, unbatched_ok: bool = True, field: str = "input") -> int:
     """The number of classes C of an (N, C, ...) or (C) input."""
-    if input.dim() == 0 or (input.dim() == 1 and not unbatched_ok):
+    dims = input.dim()
+    if dims == 0 or (dims == 1 and not unbatched_ok):
         expected = "(C), (N, C) or (N, C, d1, ...)" if unbatched_ok else "(N, C, ...)"
         raise invalid(field, f"expected shape {expected}, got {shape(input)}")
-    return input.shape[0] if input.dim() == 1 else input.shape[1]
+    return input.shape[0] if dims == 1 else input.shape[1]
 
 
 def expect_shape(
@@ -92,9 +93,10 @@ def class_target(tensors: Tensors, options: Mapping[str, Any]) -> None:
     input, target = tensor(tensors, "input"), tensor(tensors, "target")
     num_classes = class_dim(input)
     class_weight(tensors, num_classes)
-    dims = input.dim()
+    input_shape = input.shape  # read once: each read builds a torch.Size
+    dims = len(input_shape)
     if target.is_floating_point():
-        if target.shape != input.shape:
+        if target.shape != input_shape:
             expected = [] if dims == 1 else [input.shape[0], *input.shape[2:]]
             raise invalid(
                 "target",
@@ -102,8 +104,9 @@ def class_target(tensors: Tensors, options: Mapping[str, Any]) -> None:
                 f"class indices would be integers of shape {expected}), got {shape(target)}",
             )
         return
-    # torch.Size compares as a tuple: the expected shape of class indices
-    index_shape: tuple[int, ...] = () if dims == 1 else input.shape[:1] + input.shape[2:]
+    # the expected shape of class indices, as a tuple (torch.Size compares as
+    # one; slicing and adding torch.Sizes builds three of them)
+    index_shape = () if dims == 1 else (input_shape[0], *input_shape[2:])
     if target.shape != index_shape and not (dims == 1 and target.shape == (1,)):
         # torch takes [1] for [] here
         words = "(a 0-dim class index)" if dims == 1 else "(N)" if dims == 2 else "(N, d1, ...)"

@@ -40,8 +40,7 @@ def loss_call(
 ) -> LossCall:
     """One v1 request body (parsed JSON) -> the call, its tensors decoded
     against one element budget."""
-    request = parse_request(spec, body, loc)
-    fields = request.__dict__  # the validated values, read once
+    fields = parse_request(spec, body, loc)  # the validated values, by name
     float_dtype = FLOAT_DTYPES[fields["dtype"]]
     budget = ElementBudget.for_request(settings)
     arguments: dict[str, Argument] = {}
