@@ -354,21 +354,28 @@ def selected_outputs(
 ) -> list[tuple[OutputRequest, torch.Tensor]]:
     """The outputs to send, each with its tensor on the CPU (on its device for
     one written to shared memory): those the request names, else the loss and
-    every gradient computed. A 0-dim loss has shape [1] (OIP clients expect at
-    least one dimension)."""
+    every gradient computed. A 0-dim loss stays 0-dim (its bytes are those of
+    shape [1]); its wire shape is [1] (``wire_shape``)."""
     selected = request.outputs
     if selected is None:
         selected = [LOSS_OUTPUT] + [OutputRequest(f"grad_{n}") for n in evaluation.grads]
     result = []
     for output in selected:
         if output.name == "loss":
-            value = evaluation.value
-            tensor = value.reshape(1) if value.dim() == 0 else value
+            tensor = evaluation.value
+            if output.target is not None and tensor.dim() == 0:
+                tensor = tensor.reshape(1)  # a region takes the shape it is given
         else:
             tensor = evaluation.grads[output.name.removeprefix("grad_")]
         # an output into shared memory stays where it is: the region takes it
         result.append((output, tensor.detach() if output.target else to_host(tensor)))
     return result
+
+
+def wire_shape(output: OutputRequest, tensor: torch.Tensor) -> list[int]:
+    """An output's shape as OIP sends it: a 0-dim loss has shape [1] (OIP
+    clients expect at least one dimension); a gradient has its input's."""
+    return [1] if output.name == "loss" and tensor.dim() == 0 else list(tensor.shape)
 
 
 # --------------------------------------------------------------------------- metadata

@@ -221,7 +221,9 @@ def encode_response(request: InferRequest, evaluation: Evaluation) -> pb.ModelIn
     )
     for output, tensor in oip.selected_outputs(request, evaluation):
         added = response.outputs.add(
-            name=output.name, datatype=oip.DATATYPE_NAMES[tensor.dtype], shape=list(tensor.shape)
+            name=output.name,
+            datatype=oip.DATATYPE_NAMES[tensor.dtype],
+            shape=oip.wire_shape(output, tensor),
         )
         if output.target is not None:
             output.target.write(f"output {quote(output.name)}", tensor)

@@ -35,6 +35,7 @@ from service.protocols.oip import (
     selected_outputs,
     widen,
     widen_bytes,
+    wire_shape,
 )
 from service.shm import PARAMETERS as SHARED_MEMORY
 from service.shm import Reference, Regions, reference
@@ -45,6 +46,7 @@ from service.tensors import (
     check_dims,
     decode_raw,
     encode_flat,
+    encode_scalar,
     small_tensor,
     tensor_view,
     to_integers,
@@ -333,7 +335,7 @@ def encode_response(
     for requested, tensor in selected_outputs(request, evaluation):
         output: dict[str, Any] = {
             "name": requested.name,
-            "shape": list(tensor.shape),
+            "shape": wire_shape(requested, tensor),
             "datatype": DATATYPE_NAMES[tensor.dtype],
         }
         binary = request.binary_output if requested.binary is None else requested.binary
@@ -344,6 +346,8 @@ def encode_response(
             raw = tensor_view(tensor)
             output["parameters"] = {"binary_data_size": raw.nbytes}
             chunks.append(raw)
+        elif tensor.dim() == 0:  # one number (or a non-finite string), flat
+            output["data"] = [encode_scalar(tensor)]
         else:
             output["data"] = encode_flat(tensor)
         outputs.append(output)
