@@ -411,3 +411,19 @@ def test_keys_and_cors_hold_on_the_direct_path(guarded_server: str) -> None:
         assert direct_count(conn, key) == before + 1
     finally:
         conn.close()
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_uvicorns_timeout(live_server: str) -> None:
+    """uvicorn's keep-alive timeout (5 s) holds, checked by the connection
+    layer's sweep (within a second after it) instead of a timer per response."""
+    conn = Connection(live_server)
+    try:
+        conn.send(request(CE, SMALL))
+        assert conn.read().status == 200
+        start = time.monotonic()
+        conn.sock.settimeout(10)
+        assert conn.sock.recv(1) == b""  # closed by the server, without a response
+        waited = time.monotonic() - start
+        assert 4.5 < waited < 7.5, waited
+    finally:
+        conn.close()

@@ -51,11 +51,12 @@ DIRECT_PER_READ = 4
 
 
 class HeaderWatch:
-    """The header timeouts of every connection of one event loop, checked by
-    one timer: a connection only writes down when its headers are due (a
-    timer armed and cancelled per request cost more than the rest of the
-    connection's bookkeeping). A deadline is met within a tenth of the
-    timeout (at most 1 s) after it passes."""
+    """The header timeouts and keep-alive deadlines of every connection of one
+    event loop, checked by one timer: a connection only writes down when its
+    headers are due, or when it has been idle long enough (a timer armed and
+    cancelled per request cost more than the rest of the connection's
+    bookkeeping). A deadline is met within a tenth of the header timeout (at
+    most 1 s) after it passes."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self.loop = loop
@@ -77,6 +78,11 @@ class HeaderWatch:
         for connection in late:
             connection.headers_due = None
             connection._header_timed_out()
+        idle = [c for c in self.connections if c.idle_due is not None and c.idle_due <= now]
+        for connection in idle:  # uvicorn's keep-alive timeout, ended as uvicorn ends it
+            connection.idle_due = None
+            if not connection.transport.is_closing():
+                connection.transport.close()
         self.timer = self.loop.call_later(self.interval, self.sweep) if self.connections else None
 
 
@@ -103,6 +109,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.arriving = 0  # the bytes of the data_received call in progress
         # loop.time() by which the headers (or a body's first bytes) must be in
         self.headers_due: float | None = None
+        # loop.time() after which an idle keep-alive connection is closed
+        self.idle_due: float | None = None
         self.watch = header_watch(self.loop, self.header_timeout)
         self.write_timeout = settings.body_timeout
         self.write_timer: asyncio.TimerHandle | None = None
@@ -148,6 +156,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return
+        self.idle_due = None
         self.arriving = len(data)
         self.completed_here = False
         self.answered_here = 0
@@ -176,6 +185,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 f"the request line and headers exceed {self.max_header_bytes} bytes "
                 "(LOSS_SERVICE_MAX_HEADER_BYTES)",
             )
+
+    def on_response_complete(self) -> None:
+        """uvicorn's: the next pipelined request, or the keep-alive deadline,
+        here checked by the HeaderWatch sweep instead of a timer per response."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self.idle_due = self.loop.time() + self.timeout_keep_alive
 
     def shutdown(self) -> None:
         cycle = self.cycle
