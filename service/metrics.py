@@ -230,7 +230,14 @@ class ModelStats:
         counters.success_count += 1
         counters.success_ns += ns
         counters.last_inference = int(now * 1000)
-        for key, slot in (("decode", "input_ns"), ("compute", "infer_ns"), ("encode", "output_ns")):
-            value = timings.get(key)
-            if isinstance(value, float):
-                setattr(counters, slot, getattr(counters, slot) + int(value * 1e9))
+        decode, compute, encode = (
+            timings.get("decode"),
+            timings.get("compute"),
+            timings.get("encode"),
+        )
+        if type(decode) is float:
+            counters.input_ns += int(decode * 1e9)
+        if type(compute) is float:
+            counters.infer_ns += int(compute * 1e9)
+        if type(encode) is float:
+            counters.output_ns += int(encode * 1e9)
