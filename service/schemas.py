@@ -172,7 +172,7 @@ _PARSED_ENVELOPES: dict[tuple[Any, ...], dict[str, Any]] = {}
 PARSED_OPTIONS_KEPT = 4096
 
 
-def _value_key(name: str, value: Any) -> tuple[Any, ...]:
+def value_key(name: str, value: Any) -> tuple[Any, ...]:
     """One given value as part of a cache key: its type too (1, 1.0 and True
     are equal but not the same option), and a float's sign (-0.0 == 0.0, but
     torch keeps a zero's sign: margin_ranking_loss with margin -0.0 gives
@@ -186,7 +186,7 @@ def parse_options(
     spec: LossSpec, values: dict[str, Any], loc: tuple[str | int, ...]
 ) -> dict[str, Any]:
     """Options given by name -> every option of the loss, checked, defaults filled in."""
-    key: tuple[Any, ...] | None = (spec, *(_value_key(k, v) for k, v in values.items()))
+    key: tuple[Any, ...] | None = (spec, *(value_key(k, v) for k, v in values.items()))
     try:
         parsed = _PARSED_OPTIONS.get(key)  # type: ignore[arg-type]
     except TypeError:  # a value that cannot be a key (a list)
@@ -249,7 +249,7 @@ def parse_request(
         key = (
             (spec,)
             if plain
-            else (spec, *(_value_key(k, v) for k, v in body.items() if k not in tensors))
+            else (spec, *(value_key(k, v) for k, v in body.items() if k not in tensors))
         )
         try:
             parsed = _PARSED_ENVELOPES.get(key)

@@ -21,7 +21,7 @@ from service.compute import Argument, Evaluation, LossCall
 from service.errors import BadRequest, NotFound, did_you_mean, invalid, quote
 from service.losses import LossSpec, TensorArg, resolve
 from service.losses.registry import canonical_name
-from service.schemas import DEPRECATED_OPTIONS, parse_options
+from service.schemas import DEPRECATED_OPTIONS, parse_options, value_key
 from service.shm import Reference, Regions, Target
 from service.tensors import to_host
 
@@ -220,18 +220,31 @@ def add_input(request: InferRequest, name: str, tensor: torch.Tensor) -> None:
 def check_inputs(request: InferRequest) -> None:
     """Every required input is given (a number-or-tensor one may come as a parameter)."""
     spec = request.spec
-    missing = [
-        a.name
-        for a in spec.args
-        if a.required
-        and a.name not in request.tensors
-        and not (a.role == "float_or_number" and a.name in request.parameters)
-    ]
+    numbers, _ = parameter_names(spec)
+    given = frozenset(n for n in numbers if n in request.parameters) if numbers else NONE
+    missing = _missing(spec, tuple(request.tensors), given)
     if missing:
         raise BadRequest(
             f"missing input(s) {', '.join(missing)}; model {spec.name} takes "
             f"{describe_inputs(spec)}"
         )
+
+
+NONE: frozenset[str] = frozenset()
+
+
+@cache
+def _missing(spec: LossSpec, tensors: tuple[str, ...], numbers: frozenset[str]) -> list[str]:
+    """The required inputs missing from ``tensors`` (``numbers``: the
+    number-or-tensor arguments given as parameters), remembered: requests
+    repeat their inputs, and the model's few."""
+    return [
+        a.name
+        for a in spec.args
+        if a.required
+        and a.name not in tensors
+        and not (a.role == "float_or_number" and a.name in numbers)
+    ]
 
 
 def output_names(spec: LossSpec) -> list[str]:
@@ -279,9 +292,50 @@ def parameter_names(spec: LossSpec) -> tuple[frozenset[str], frozenset[str]]:
     )
 
 
+# What the parameters of requests that name no outputs came out as (options,
+# gradients, device, number arguments, raw outputs), by model, encoding,
+# inputs given and parameter values (each with its type): clients repeat
+# theirs, and reading them cost more than a small loss (bounded).
+_CALLS: dict[tuple[Any, ...], tuple[dict[str, Any], bool | list[str], str | None,
+                                    dict[str, float], frozenset[str]]] = {}  # fmt: skip
+CALLS_KEPT = 4096
+
+
 def loss_call(request: InferRequest, encoding: str = "flat") -> LossCall:
     """An inference request -> the call: parameters become options, device
     and gradients; outputs named ``grad_<arg>`` ask for those gradients."""
+    spec = request.spec
+    key: tuple[Any, ...] | None = None
+    if request.outputs is None:
+        key = (spec, encoding, request.binary_output, tuple(request.tensors),
+               *(value_key(k, v) for k, v in request.parameters.items()))  # fmt: skip
+        try:
+            known = _CALLS.get(key)
+        except TypeError:  # a value that cannot be a key (a list of grad names)
+            known, key = None, None
+        if known is not None:
+            options, grad, device, numbers, raw = known
+            arguments: dict[str, Argument] = {n: (t, True) for n, t in request.tensors.items()}
+            arguments.update(numbers)
+            return LossCall(
+                spec,
+                arguments,
+                options=dict(options),
+                grad=list(grad) if isinstance(grad, list) else grad,
+                grad_output=request.grad_output,
+                device=device,
+                encoding=encoding,
+                raw_outputs=raw,
+            )
+    call = _loss_call(request, encoding)
+    if key is not None and len(_CALLS) < CALLS_KEPT:
+        numbers = {k: v for k, v in call.arguments.items() if isinstance(v, float)}
+        grad = list(call.grad) if isinstance(call.grad, list) else call.grad
+        _CALLS[key] = (dict(call.options), grad, call.device, numbers, call.raw_outputs)
+    return call
+
+
+def _loss_call(request: InferRequest, encoding: str) -> LossCall:
     spec = request.spec
     numbers, allowed = parameter_names(spec)
     options: dict[str, Any] = {}

@@ -1,0 +1,163 @@
+"""What the OIP front door remembers (the checks of a JSON-data input, which
+inputs are missing, what a request's parameters came out as) never changes
+an answer: a request answered after another that filled those memos gets
+the same bytes it gets from a fresh process, whatever came before it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.protocols import oip, oip_json
+
+MEMO = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
+
+def forget() -> None:
+    oip_json._CHECKED.clear()
+    oip._CALLS.clear()
+    oip._missing.cache_clear()
+
+
+def base() -> dict[str, Any]:
+    return {
+        "inputs": [
+            {"name": "input", "shape": [2, 3], "datatype": "FP32",
+             "data": [0.5, -1.0, 2.0, 0.25, 0.0, -0.5]},
+            {"name": "target", "shape": [2], "datatype": "INT64", "data": [2, 0]},
+        ],
+        "parameters": {"reduction": "sum"},
+    }  # fmt: skip
+
+
+# what a later request may change of the one before it: values equal to the
+# remembered ones but of another type, other names, fields and parameters
+SHAPES = st.sampled_from([[2, 3], [2.0, 3], [True, 3], [2, 3, 1], [6], [2, -3], ["2", 3]])
+TARGET_SHAPES = st.sampled_from([[2], [2.0], [True], [1], [2, 1]])
+NAMES = st.sampled_from(["input", "Input", "target", "weight", "grad_output", "nope", 1])
+DATATYPES = st.sampled_from(["FP32", "FP64", "FP16", "INT64", "INT32", "fp32", "BYTES", 32])
+PARAMETERS = st.dictionaries(
+    st.sampled_from(
+        [
+            "reduction",
+            "label_smoothing",
+            "ignore_index",
+            "grad",
+            "device",
+            "binary_data_output",
+            "foo",
+        ]
+    ),
+    st.sampled_from(
+        [
+            "sum",
+            "mean",
+            "none",
+            0.0,
+            -0.0,
+            0.1,
+            1,
+            True,
+            False,
+            -100,
+            ["input"],
+            "input",
+            "cpu",
+            None,
+        ]
+    ),
+    max_size=3,
+)
+
+
+@st.composite
+def variants(draw: st.DrawFn) -> dict[str, Any]:
+    body = base()
+    first, second = body["inputs"]
+    first["shape"] = draw(SHAPES)
+    second["shape"] = draw(TARGET_SHAPES)
+    if draw(st.booleans()):
+        first["name"] = draw(NAMES)
+    if draw(st.booleans()):
+        first["datatype"] = draw(DATATYPES)
+    if draw(st.booleans()):
+        second["datatype"] = draw(DATATYPES)
+    if draw(st.booleans()):
+        first["extra"] = 1
+    if draw(st.booleans()):
+        second["parameters"] = draw(st.sampled_from([{}, None, {"binary_data_size": 8}]))
+    if draw(st.booleans()):
+        body["inputs"] = [first]  # the target missing
+    body["parameters"] = draw(PARAMETERS)
+    if draw(st.booleans()):
+        body["outputs"] = [{"name": "loss"}]
+    return body
+
+
+def answer(client: TestClient, body: dict[str, Any]) -> tuple[int, bytes]:
+    response = client.post("/v2/models/cross_entropy/infer", content=json.dumps(body))
+    return response.status_code, response.content
+
+
+@pytest.fixture(autouse=True)
+def fresh() -> Any:
+    forget()
+    yield
+    forget()
+
+
+@MEMO
+@given(before=variants(), after=variants())
+def test_a_request_gets_what_a_fresh_process_gives(
+    client: TestClient, before: dict[str, Any], after: dict[str, Any]
+) -> None:
+    forget()
+    fresh = answer(client, after)
+    forget()
+    answer(client, base())
+    answer(client, before)  # the memos now hold what these two left
+    assert answer(client, after) == fresh
+    assert answer(client, after) == fresh  # and what it left itself
+
+
+def test_the_memos_are_used(client: TestClient) -> None:
+    """The plain request fills each memo once, and a repeat reads them (a
+    memo that is never read would keep these tests green for nothing)."""
+    status, first = answer(client, base())
+    assert status == 200
+    assert len(oip_json._CHECKED) == 2 and len(oip._CALLS) == 1
+    misses = oip._missing.cache_info().misses
+    assert answer(client, base()) == (200, first)
+    assert oip._missing.cache_info().misses == misses
+    assert len(oip_json._CHECKED) == 2 and len(oip._CALLS) == 1
+
+
+@pytest.mark.parametrize(
+    ("remembered", "later"),
+    [([1, 6], [True, 6]), ([1, 6], [1.0, 6]), ([2, 3], [2.0, 3]), ([2, 3], [2, 3.0])],
+)
+def test_a_dimension_of_another_type_is_not_the_remembered_one(
+    client: TestClient, remembered: list[Any], later: list[Any]
+) -> None:
+    """True and 1.0 equal 1 (and hash alike): a shape [True, 6] after a
+    remembered [1, 6] must still be refused as a fresh process refuses it."""
+    body = base()
+    body["inputs"][0]["shape"] = later
+    fresh = answer(client, body)
+    assert fresh[0] == 400
+    forget()
+    warm = base()
+    warm["inputs"][0]["shape"] = remembered
+    warm["inputs"][0]["data"] = [0.5] * 6
+    assert answer(client, warm)[0] in (200, 422)
+    assert answer(client, body) == fresh
