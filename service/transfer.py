@@ -18,7 +18,7 @@ import contextlib
 import http.client
 import socket
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Self
 from urllib.parse import urlsplit
 from urllib.request import getproxies, proxy_bypass
@@ -50,6 +50,21 @@ def pieces(views: Iterable[memoryview]) -> Iterator[memoryview]:
             yield flat[start : start + PIECE]
 
 
+@contextlib.contextmanager
+def reading(drop: Callable[[], None], timed_out: str) -> Iterator[None]:
+    """Failures while reading a response as httpx's exceptions (``timed_out``:
+    what a timeout says); the connection, in an unknown state then, is
+    dropped first (``drop``)."""
+    try:
+        yield
+    except TimeoutError:
+        drop()
+        raise httpx.ReadTimeout(timed_out) from None
+    except (http.client.HTTPException, OSError) as exc:
+        drop()
+        raise httpx.RemoteProtocolError(f"reading the response: {exc!r}") from exc
+
+
 class Reply:
     """A response whose status line and headers have been read; the body is
     read by the caller (``read_into`` / ``read_all``), then ``close`` gives the
@@ -74,18 +89,10 @@ class Reply:
         """Body bytes not read yet (None when the server sent no Content-Length)."""
         return self._response.length
 
-    @contextlib.contextmanager
-    def _reading(self) -> Iterator[None]:
+    def _reading(self) -> contextlib.AbstractContextManager[None]:
         """Failures while reading the body as httpx's exceptions; the
         connection, in an unknown state then, is dropped."""
-        try:
-            yield
-        except TimeoutError:
-            self._discard()
-            raise httpx.ReadTimeout(f"no response data within {self._timeout.read} s") from None
-        except (http.client.HTTPException, OSError) as exc:
-            self._discard()
-            raise httpx.RemoteProtocolError(f"reading the response: {exc!r}") from exc
+        return reading(self._discard, f"no response data within {self._timeout.read} s")
 
     def read_into(self, buffer: memoryview) -> None:
         """Fill ``buffer`` from the body: the next ``buffer.nbytes`` bytes."""
@@ -201,15 +208,9 @@ class ConnectionPool:
                 conn.close()
                 raise httpx.RemoteProtocolError(f"sending the request: {exc!r}") from exc
             return Reply(self, conn, response, self.timeout)
-        try:
+        with reading(conn.close, f"no response within {self.timeout.read} s"):
             sock.settimeout(self.timeout.read)
             response = conn.getresponse()
-        except TimeoutError:
-            conn.close()
-            raise httpx.ReadTimeout(f"no response within {self.timeout.read} s") from None
-        except (http.client.HTTPException, OSError) as exc:
-            conn.close()
-            raise httpx.RemoteProtocolError(f"reading the response: {exc!r}") from exc
         return Reply(self, conn, response, self.timeout)
 
     def _connect(self, conn: http.client.HTTPConnection) -> None:
