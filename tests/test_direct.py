@@ -26,11 +26,9 @@ from hypothesis import strategies as st
 from tests.cases import assert_same
 from tests.conftest import start_server, stop_server
 from tests.test_fuzz_differential import (
-    DTYPES,
     FUZZ,
-    LOSSES,
-    Loss,
-    clean,
+    Call,
+    calls,
     from_wire,
     in_process,
     v1_body,
@@ -169,31 +167,15 @@ MUTATIONS = ["none", "none", "none", "alias", "slash", "truncated", "not_json", 
 
 @settings(FUZZ, max_examples=400)
 @given(
-    data=st.data(),
-    loss=st.sampled_from(LOSSES),
-    dtype=st.sampled_from(DTYPES),
-    reduction=st.sampled_from(["none", "mean", "sum"]),
-    form=st.sampled_from(["nested", "flat", "b64"]),
-    encoding=st.sampled_from(["nested", "flat", "b64"]),
+    call=calls(),
     protocol=st.sampled_from(["v1", "v2"]),
-    grad=st.booleans(),
     mutation=st.sampled_from(MUTATIONS),
 )
 def test_direct_answers_are_the_applications(
-    conn: Connection,
-    data: st.DataObject,
-    loss: Loss,
-    dtype: torch.dtype,
-    reduction: str,
-    form: str,
-    encoding: str,
-    protocol: str,
-    grad: bool,
-    mutation: str,
+    conn: Connection, call: Call, protocol: str, mutation: str
 ) -> None:
-    tensors = clean(loss.build(data.draw, dtype), loss.name)
-    if form == "nested" and any(t.numel() == 0 and t.dim() > 1 for t in tensors.values()):
-        form = "flat"
+    loss, tensors, dtype, reduction = call.loss, call.tensors, call.dtype, call.reduction
+    form, encoding, grad = call.form, call.encoding, call.grad
     payload: dict[str, Any] = (
         v1_body(tensors, form, reduction, grad, encoding, dtype)
         if protocol == "v1"

@@ -203,31 +203,43 @@ def v2_tensor(output: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
     return decode({"shape": output["shape"], "data": output["data"]}, dtype)
 
 
-@FUZZ
-@given(
-    data=st.data(),
-    loss=st.sampled_from(LOSSES),
-    dtype=st.sampled_from(DTYPES),
-    reduction=st.sampled_from(["none", "mean", "sum"]),
-    form=st.sampled_from(["nested", "flat", "b64"]),
-    encoding=st.sampled_from(["nested", "flat", "b64"]),
-    request_form=st.sampled_from(["v1", "batch", "v2"]),
-    grad=st.booleans(),
-)
-def test_service_equals_torch(
-    client: TestClient,
-    data: st.DataObject,
-    loss: Loss,
-    dtype: torch.dtype,
-    reduction: str,
-    form: str,
-    encoding: str,
-    request_form: str,
-    grad: bool,
-) -> None:
-    tensors = clean(loss.build(data.draw, dtype), loss.name)
+@dataclass(frozen=True)
+class Call:
+    """A drawn call: the loss, its tensors, options and wire forms."""
+
+    loss: Loss
+    tensors: Tensors
+    dtype: torch.dtype
+    reduction: str
+    form: str  # how the request writes tensors
+    encoding: str  # how the response writes them
+    grad: bool
+
+
+@st.composite
+def calls(draw: st.DrawFn) -> Call:
+    loss = draw(st.sampled_from(LOSSES))
+    dtype = draw(st.sampled_from(DTYPES))
+    tensors = clean(loss.build(draw, dtype), loss.name)
+    form = draw(st.sampled_from(["nested", "flat", "b64"]))
     if form == "nested" and any(t.numel() == 0 and t.dim() > 1 for t in tensors.values()):
         form = "flat"  # a nested [] cannot say [0, 3]
+    return Call(
+        loss,
+        tensors,
+        dtype,
+        reduction=draw(st.sampled_from(["none", "mean", "sum"])),
+        form=form,
+        encoding=draw(st.sampled_from(["nested", "flat", "b64"])),
+        grad=draw(st.booleans()),
+    )
+
+
+@FUZZ
+@given(call=calls(), request_form=st.sampled_from(["v1", "batch", "v2"]))
+def test_service_equals_torch(client: TestClient, call: Call, request_form: str) -> None:
+    loss, tensors, dtype, reduction = call.loss, call.tensors, call.dtype, call.reduction
+    form, encoding, grad = call.form, call.encoding, call.grad
     expected = in_process(loss, tensors, reduction, grad)
 
     if request_form == "v2":

@@ -168,6 +168,20 @@ def wait_for(
     return time.monotonic() - start
 
 
+def wait_for_replicas(cluster: LocalRayCluster, count: int, what: str) -> float:
+    """Seconds until ``count`` replicas run, as Serve reports them and as
+    their processes show (``wait_for``)."""
+    return wait_for(
+        lambda: (
+            cluster.replica_states().get("RUNNING") == count
+            and len(cluster.own_pids("ServeReplica:loss-service")) == count
+        ),
+        RECOVER_TIMEOUT,
+        what,
+        cluster,
+    )
+
+
 def spread(
     cluster: LocalRayCluster, requests: int = 40, threads: int = 2
 ) -> tuple[Counter[str], set[str]]:
@@ -321,15 +335,7 @@ def test_killed_replica_loses_no_retried_request_and_comes_back(cluster: LocalRa
     assert len(results) > sent_at_kill + 5, "requests stopped being answered after the kill"
     assert all(status == 200 and value == expected for status, value in results), Counter(results)
     assert set(failures) <= REPLICA_DEATH_FAILURES, Counter(failures)
-    took = wait_for(
-        lambda: (
-            cluster.replica_states().get("RUNNING") == 2
-            and len(cluster.own_pids("ServeReplica:loss-service")) == 2
-        ),
-        RECOVER_TIMEOUT,
-        "replacement replica",
-        cluster,
-    )
+    took = wait_for_replicas(cluster, 2, "replacement replica")
     assert victim not in cluster.own_pids("ServeReplica:loss-service")
     after, _ = spread(cluster, requests=20)
     assert len(after) == 2 and set(after) != set(before), (before, after)
@@ -362,15 +368,7 @@ def test_killed_replica_loses_no_retried_request_and_comes_back(cluster: LocalRa
         isinstance(a, torch.Tensor) and torch.equal(a, expected_ctc) for a in answers
     ), answers
     proxy_500s = proxy_log.read_text(errors="replace").count("ctc_loss 500") - failed_before
-    wait_for(
-        lambda: (
-            cluster.replica_states().get("RUNNING") == 2
-            and len(cluster.own_pids("ServeReplica:loss-service")) == 2
-        ),
-        RECOVER_TIMEOUT,
-        "replacement of the second killed replica",
-        cluster,
-    )
+    wait_for_replicas(cluster, 2, "replacement of the second killed replica")
     print(
         f"\nkill: {len(results)} requests answered, retried after {dict(Counter(failures))}; "
         f"replacement running {took:.1f} s after the load stopped; a second kill under 4 slow "
