@@ -409,3 +409,73 @@ def test_an_idle_keep_alive_connection_is_closed_after_uvicorns_timeout(live_ser
         assert 4.5 < waited < 7.5, waited
     finally:
         conn.close()
+
+
+class FakeTransport:
+    """What the protocol writes, kept (no socket)."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def writelines(self, pieces: list[bytes]) -> None:
+        self.written.extend(bytes(p) for p in pieces)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 5555)}.get(name)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+def test_a_failure_in_the_direct_answer_leaves_the_request_to_the_application(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from service.api.connections import GuardedHttpToolsProtocol
+    from service.api.direct import DirectServer
+    from service.config import Settings
+    from service.main import create_app
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug in the direct path")
+
+    monkeypatch.setattr(DirectServer, "answer", broken)
+    app = create_app(Settings(device="cpu", log_level="warning", grpc_port=0))
+    loop = asyncio.new_event_loop()
+    try:
+        config = Config(app=app, lifespan="off", proxy_headers=False, log_config=None)
+        protocol = GuardedHttpToolsProtocol(
+            config=config, server_state=ServerState(), app_state={}, _loop=loop
+        )
+        assert protocol.direct is not None
+        transport = FakeTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(request(CE, SMALL))
+
+        async def answered() -> bytes:
+            while not b"".join(transport.written).endswith(b"}"):
+                await asyncio.sleep(0.01)
+            return b"".join(transport.written)
+
+        raw = loop.run_until_complete(asyncio.wait_for(answered(), 30))
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert json.loads(body)["value"] == expected_ce()
+        protocol.connection_lost(None)
+    finally:
+        loop.close()

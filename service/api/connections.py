@@ -33,6 +33,7 @@ any that one cannot answer, goes to the application as uvicorn would send it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import httptools
@@ -42,6 +43,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from service.api.direct import Headers, direct_server
 from service.api.problems import problem_type
 from service.config import settings
+
+log = logging.getLogger("service.errors")
 
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 # Requests of one read answered directly at most: the rest of a pipelined read
@@ -293,10 +296,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         parser = self.parser
         keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
-        answer = self.direct.answer(
-            found, path, self.headers, headers, body, keep_alive,
-            self.server_state.default_headers,
-        )  # fmt: skip
+        try:
+            answer = self.direct.answer(
+                found, path, self.headers, headers, body, keep_alive,
+                self.server_state.default_headers,
+            )  # fmt: skip
+        except Exception:  # a bug here: the application answers instead (a 500 at worst)
+            log.exception("answering POST %s on the connection", path)
+            answer = None
         if answer is None:
             self._to_application(body, complete=True)
             return
