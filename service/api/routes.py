@@ -47,7 +47,7 @@ class Reading:
     count_commas: bool = False  # a JSON body: its commas counted as it arrives
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per request: a frozen dataclass costs more to make
 class Work(Generic[T]):
     """A compute request with its body: decode, check and cost it, then answer."""
 
