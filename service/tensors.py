@@ -574,7 +574,7 @@ def encode_flat(tensor: torch.Tensor) -> Any:
 
 def encode_scalar(tensor: torch.Tensor) -> float | int | bool | str:
     """A 0-dim tensor -> a JSON number (or a non-finite string)."""
-    value = tensor.detach().item()
+    value = tensor.item()  # reads the value: no detach needed, even with grad
     if isinstance(value, float) and not math.isfinite(value):
         return _nonfinite_text(value)
     return value

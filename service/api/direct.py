@@ -110,7 +110,7 @@ class DirectServer:
         self.records.stats.direct += 1
         request_id = request_id_of(scope)
         out, keep_alive = _write(response, request_id, keep_alive, default_headers)
-        sent = sum(len(piece) for piece in out[1:])
+        sent = len(out[1]) if len(out) == 2 else sum(map(len, out[1:]))
         state = {"status": response.status_code, "in": len(body), "out": sent}
         self.records.add(scope, state, request_id, time.perf_counter() - start, time.time())
         return out, keep_alive
