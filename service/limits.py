@@ -23,10 +23,14 @@ import ctypes
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
+from typing import TypeVar
 
 from service.errors import Overloaded, PayloadTooLarge
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 # cgroup v1 reports "no limit" as a page-aligned LONG_MAX; anything above this is no limit.
 NO_LIMIT = 2**60
@@ -294,3 +298,13 @@ def keep_freed_memory(keep_bytes: int) -> bool:
             (M_TOP_PAD, min(keep // 8, 64 * 1024 * 1024)),
         )
     )
+
+
+def remember(memo: dict[K, V], key: K, value: V, kept: int) -> None:
+    """Put ``key`` in a memo of at most ``kept`` entries. A full memo starts
+    over: clients repeat a few keys, so they come back at once, where a memo
+    that stopped adding would leave every later request on the slow path
+    after one client sent ``kept`` distinct ones."""
+    if len(memo) >= kept:
+        memo.clear()
+    memo[key] = value

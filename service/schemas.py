@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 
 from service.dtypes import DTYPES
 from service.errors import FieldError, InvalidPayload, did_you_mean, quote
+from service.limits import remember
 from service.losses import LOSSES, LossSpec
 from service.tensors import FLOAT_DTYPES
 
@@ -198,8 +199,8 @@ def parse_options(
         parsed = options_model(spec).model_validate(values).model_dump()
     except ValidationError as exc:
         raise validation_error(exc, loc, spec.option_names) from None
-    if key is not None and len(_PARSED_OPTIONS) < PARSED_OPTIONS_KEPT:
-        _PARSED_OPTIONS[key] = parsed
+    if key is not None:
+        remember(_PARSED_OPTIONS, key, parsed, PARSED_OPTIONS_KEPT)
     return dict(parsed)
 
 
@@ -265,8 +266,9 @@ def parse_request(
         fields = model.model_validate(body).__dict__
     except ValidationError as exc:
         raise validation_error(exc, loc, list(model.model_fields)) from None
-    if key is not None and len(_PARSED_ENVELOPES) < PARSED_OPTIONS_KEPT:
-        _PARSED_ENVELOPES[key] = {k: None if k in tensors else v for k, v in fields.items()}
+    if key is not None:
+        kept = {k: None if k in tensors else v for k, v in fields.items()}
+        remember(_PARSED_ENVELOPES, key, kept, PARSED_OPTIONS_KEPT)
     return fields
 
 

@@ -161,3 +161,28 @@ def test_a_dimension_of_another_type_is_not_the_remembered_one(
     warm["inputs"][0]["data"] = [0.5] * 6
     assert answer(client, warm)[0] in (200, 422)
     assert answer(client, body) == fresh
+
+
+def test_a_full_memo_starts_over_and_keeps_serving(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends ever new parameter values fills a memo; it then
+    starts over (bounded) instead of leaving every later request on the slow
+    path, and answers stay the same."""
+    monkeypatch.setattr(oip, "CALLS_KEPT", 8)
+    status, plain = answer(client, base())
+    assert status == 200
+    for i in range(20):  # 20 distinct parameter sets
+        body = base()
+        body["parameters"] = {"reduction": "sum", "label_smoothing": i / 100}
+        assert answer(client, body)[0] == 200
+        assert 1 <= len(oip._CALLS) <= 8
+    assert answer(client, base()) == (200, plain)
+    # a parameter set never seen is still remembered: the memo took it in
+    # (where one that stopped adding at its bound would not)
+    fresh = base()
+    fresh["parameters"] = {"reduction": "mean"}
+    before = len(oip._CALLS)
+    assert answer(client, fresh)[0] == 200
+    assert len(oip._CALLS) in (before + 1, 1)
+    assert answer(client, base()) == (200, plain)

@@ -19,6 +19,7 @@ from service.api import v1, v2  # noqa: F401  (they fill the route table)
 from service.api.problems import error_response
 from service.api.routes import COMPUTE_ROUTES, ComputeRoute, serve
 from service.errors import ServiceError
+from service.limits import remember
 
 log = logging.getLogger("service.errors")
 
@@ -51,8 +52,7 @@ def match_compute(path: str) -> Found | None:
     for route, label in HOT_PATHS:
         params = route.match(stripped)
         if params is not None:
-            if len(_MATCHED) < MATCHED_MAX:
-                _MATCHED[path] = (route, label, params)
+            remember(_MATCHED, path, (route, label, params), MATCHED_MAX)
             return route, label, params
     return None
 

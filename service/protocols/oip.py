@@ -19,6 +19,7 @@ import torch
 
 from service.compute import Argument, Evaluation, LossCall
 from service.errors import BadRequest, NotFound, did_you_mean, invalid, quote
+from service.limits import remember
 from service.losses import LossSpec, TensorArg, resolve
 from service.losses.registry import canonical_name
 from service.schemas import DEPRECATED_OPTIONS, parse_options, value_key
@@ -328,10 +329,11 @@ def loss_call(request: InferRequest, encoding: str = "flat") -> LossCall:
                 raw_outputs=raw,
             )
     call = _loss_call(request, encoding)
-    if key is not None and len(_CALLS) < CALLS_KEPT:
+    if key is not None:
         numbers = {k: v for k, v in call.arguments.items() if isinstance(v, float)}
         grad = list(call.grad) if isinstance(call.grad, list) else call.grad
-        _CALLS[key] = (dict(call.options), grad, call.device, numbers, call.raw_outputs)
+        known = (dict(call.options), grad, call.device, numbers, call.raw_outputs)
+        remember(_CALLS, key, known, CALLS_KEPT)
     return call
 
 

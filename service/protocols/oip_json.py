@@ -15,6 +15,7 @@ import torch
 from service import fastjson
 from service.compute import Evaluation, device_name
 from service.errors import BadRequest, InvalidPayload, invalid, quote
+from service.limits import remember
 from service.losses import LossSpec
 from service.protocols.oip import (
     DATATYPE_NAMES,
@@ -225,8 +226,8 @@ def _decode_input(
             raise BadRequest(
                 f"input {quote(name)} has neither data nor parameters.binary_data_size"
             )
-        if key is not None and len(_CHECKED) < CHECKED_KEPT:
-            _CHECKED[key] = (name, extent)  # every check above passed
+        if key is not None:
+            remember(_CHECKED, key, (name, extent), CHECKED_KEPT)  # every check above passed
         return name, _decode_json_data(name, item["data"], shape, extent, datatype, budget), 0
     if "data" in item:
         raise BadRequest(f"input {quote(name)} has both data and parameters.binary_data_size")
