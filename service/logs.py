@@ -27,31 +27,16 @@ class AccessLog:
 
     def line(self, fields: dict[str, Any], now: float) -> bytes:
         """One line for a request that finished at ``now`` (time.time())."""
-        ts = self.timestamp(now)
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        ts = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
         if self.json:
             return orjson.dumps({"ts": ts, "level": "info", "logger": "loss_service.access",
                                  "msg": "request", **fields}) + b"\n"  # fmt: skip
         pairs = text_fields(fields)
         return f"{ts} INFO loss_service.access request {pairs}\n".encode()
-
-    def timestamp(self, now: float) -> str:
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
-
-    def request_line(self, fields: dict[str, Any], now: float) -> bytes:
-        """``line`` for fields that begin with the four of every line (``REQUEST``,
-        then ``ts`` set to None): the JSON written from that one dict."""
-        if not self.json:
-            return self.line({k: v for k, v in fields.items() if k not in REQUEST}, now)
-        fields["ts"] = self.timestamp(now)
-        return orjson.dumps(fields) + b"\n"
-
-
-# The fields every request line starts with, in their order.
-REQUEST = {"ts": None, "level": "info", "logger": "loss_service.access", "msg": "request"}
 
 
 # A value is written bare only when it cannot be read as more than one value:

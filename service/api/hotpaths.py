@@ -93,14 +93,13 @@ class HotPathDispatch:
             await send({"type": "http.response.body", "body": HEALTHZ_BODY})
             return
         if scope["type"] == "http" and scope["method"] == "POST":
-            path = scope["path"]
-            for route, label in HOT_PATHS:
-                params = route.match(path)
-                if params is not None:
-                    scope["route"] = label
-                    scope["path_params"] = params
-                    await self._serve(scope, receive, send, route, params)
-                    return
+            found = match_compute(scope["path"])
+            if found is not None:
+                route, label, params = found
+                scope["route"] = label
+                scope["path_params"] = params
+                await self._serve(scope, receive, send, route, params)
+                return
         await self.app(scope, receive, send)
 
     async def _serve(

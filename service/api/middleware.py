@@ -18,7 +18,7 @@ from service.api.problems import problem_body
 from service.api.routes import COMPUTE_ROUTES
 from service.api.runtime import RUNTIME_KEY, Runtime, scope_header
 from service.errors import QUOTE_LIMIT, Unauthorized
-from service.logs import REQUEST, AccessLog
+from service.logs import AccessLog
 from service.losses.registry import LOSSES, canonical_name
 
 REQUEST_ID = b"x-request-id"
@@ -150,7 +150,6 @@ class HttpRecords(Records):
         if access_log is None:
             return None
         fields: dict[str, Any] = {
-                **REQUEST,
                 "request_id": request_id.decode(),
                 "method": method,
                 "route": route,
@@ -165,7 +164,7 @@ class HttpRecords(Records):
             # the route template says nothing here; the path, bounded (a
             # client chooses it) and quoted by the log format
             fields["path"] = quote_path(scope)
-        return access_log.request_line(fields, now)
+        return access_log.line(fields, now)
 
 
 class ObservabilityMiddleware:
