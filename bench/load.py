@@ -312,6 +312,12 @@ def median_seconds(
     return statistics.median(times)
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def vm_kib(pid: int, field: str) -> int:
     """A ``/proc/<pid>/status`` field such as VmHWM (peak RSS) or VmRSS, in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -69,6 +69,8 @@ LARGE_COLUMNS = (NESTED, B64, BINARY, NESTED_GRAD, BINARY_GRAD)
 @dataclass
 class Results:
     small: dict[str, WrkResult] = field(default_factory=dict)
+    # each c16 round's result and the server's CPU seconds in it, by row
+    small_rounds: dict[str, list[tuple[WrkResult, float]]] = field(default_factory=dict)
     c1: dict[str, WrkResult] = field(default_factory=dict)
     large: dict[tuple[str, str], float] = field(default_factory=dict)
     rss_kib: dict[str, tuple[int, int]] = field(default_factory=dict)  # (idle, peak)
@@ -193,8 +195,10 @@ class Target:
 def small_load(res: Results, targets: list[Target], scripts: Path, opts: Options) -> None:
     """wrk at c16 and at c1 against each target, in ``opts.rounds`` rounds that
     take the targets in turn: a slow spell of this shared machine then falls on
-    every row of a ratio, not on one. req/s = all requests / all seconds; c1
-    p50 = the median of the rounds' p50s."""
+    every row of a ratio, not on one. req/s = the median of the rounds' req/s
+    (a ratio of two rows: the median of the rounds' ratios, ``round_ratio``);
+    c1 p50 = the median of the rounds' p50s. The server's CPU time in each
+    c16 round is kept too (``cpu_per_request``)."""
     with load.client(60) as client:
         for t in targets:
             response = load.post(client, t.url, t.body, f"{t.what} small")
@@ -206,12 +210,15 @@ def small_load(res: Results, targets: list[Target], scripts: Path, opts: Options
     c1_seconds = max(1, round(opts.c1_duration / opts.rounds))
     c16: dict[str, list[WrkResult]] = {t.row: [] for t in targets}
     c1: dict[str, list[WrkResult]] = {t.row: [] for t in targets}
+    cpu: dict[str, list[float]] = {t.row: [] for t in targets}
     for _ in range(opts.rounds):
         for t in targets:
+            before = load.cpu_seconds(t.server.pid)
             c16[t.row].append(
                 load.wrk(t.url, scripts_for[t.row], opts.connections, c16_seconds,
                          t.what + " c16")
             )  # fmt: skip
+            cpu[t.row].append(load.cpu_seconds(t.server.pid) - before)
         for t in targets:
             c1[t.row].append(
                 load.wrk(t.url, scripts_for[t.row], 1, c1_seconds, t.what + " c1")
@@ -219,10 +226,10 @@ def small_load(res: Results, targets: list[Target], scripts: Path, opts: Options
     for t in targets:
         t.server.check_alive()
         runs = c16[t.row]
+        res.small_rounds[t.row] = list(zip(runs, cpu[t.row], strict=True))
+        middle = statistics.median(r.rps for r in runs)
         res.small[t.row] = WrkResult(
-            sum(r.requests for r in runs),
-            sum(r.seconds for r in runs),
-            statistics.median(r.p50_ms for r in runs),
+            round(middle * 1e6), 1e6, statistics.median(r.p50_ms for r in runs)
         )
         runs = c1[t.row]
         res.c1[t.row] = WrkResult(
@@ -343,11 +350,12 @@ def measure(opts: Options, work: Path, started: list[Server]) -> Results:
         small_load(
             res,
             [
+                # each ratio's two rows measured back to back in every round
                 Target(FLOOR, f, CE_PATH, p.small_nested),
                 Target(V1, s, CE_PATH, p.small_nested, v1_check(small_ref)),
-                Target(BARE, b, CE_PATH, p.small_nested),
-                Target(V2, s, V2_PATH, p.small_v2, v2_check(small_ref)),
                 Target(V2_JSON, s, V2_PATH, p.small_v2_json, v2_json_check(small_ref)),
+                Target(V2, s, V2_PATH, p.small_v2, v2_check(small_ref)),
+                Target(BARE, b, CE_PATH, p.small_nested),
             ],
             scripts,
             opts,
@@ -465,6 +473,21 @@ class Ratio:
     ok: bool | None  # None: informative only
 
 
+def round_ratio(res: Results, row: str, base: str) -> float:
+    """The median over rounds of ``row``'s req/s over ``base``'s in the same
+    round (measured back to back): a slow spell of the machine, which lasts
+    seconds, then moves both sides of a ratio, not one."""
+    pairs = zip(res.small_rounds[row], res.small_rounds[base], strict=True)
+    return statistics.median(a.rps / b.rps for (a, _), (b, _) in pairs)
+
+
+def cpu_per_request(res: Results, row: str) -> float:
+    """The server's CPU microseconds per request at c16, the median over
+    rounds: what a request costs the server whatever else the shared machine
+    does (host contention lengthens wall time, not this)."""
+    return statistics.median(seconds / run.requests * 1e6 for run, seconds in res.small_rounds[row])
+
+
 def ratios(res: Results) -> list[Ratio]:
     def large(row: str, column: str) -> float:
         return res.large[(row, column)]
@@ -478,7 +501,7 @@ def ratios(res: Results) -> list[Ratio]:
     return [
         at_least(
             "small req/s: service /v1 / FastAPI floor",
-            res.small[V1].rps / res.small[FLOOR].rps,
+            round_ratio(res, V1, FLOOR),
             0.6,
         ),
         at_most(
@@ -493,7 +516,7 @@ def ratios(res: Results) -> list[Ratio]:
         ),
         at_least(
             "small req/s: service /v1 / FastAPI floor (issue 19)",
-            res.small[V1].rps / res.small[FLOOR].rps,
+            round_ratio(res, V1, FLOOR),
             1.0,
         ),
         at_most(
@@ -503,7 +526,7 @@ def ratios(res: Results) -> list[Ratio]:
         ),
         at_least(
             "small req/s: service /v2 JSON / service /v1 (issues 15, 19)",
-            res.small[V2_JSON].rps / res.small[V1].rps,
+            round_ratio(res, V2_JSON, V1),
             0.9,
         ),
         Ratio(
@@ -571,6 +594,20 @@ def speedups(res: Results) -> list[Ratio]:
             "small c1 p50: naive / service /v1", res.c1[NAIVE].p50_ms / res.c1[V1].p50_ms, "", None
         ),
         Ratio(
+            f"small, server CPU per request at c16: service /v1 / FastAPI floor "
+            f"({cpu_per_request(res, V1):.0f} / {cpu_per_request(res, FLOOR):.0f} us)",
+            cpu_per_request(res, V1) / cpu_per_request(res, FLOOR),
+            "",
+            None,
+        ),
+        Ratio(
+            f"small, server CPU per request at c16: service /v2 JSON / service /v1 "
+            f"({cpu_per_request(res, V2_JSON):.0f} / {cpu_per_request(res, V1):.0f} us)",
+            cpu_per_request(res, V2_JSON) / cpu_per_request(res, V1),
+            "",
+            None,
+        ),
+        Ratio(
             "large nested JSON: naive / service /v1 (issue: about 8)",
             res.large[(NAIVE, NESTED)] / res.large[(V1, NESTED)],
             "",
@@ -635,7 +672,9 @@ def report(res: Results, opts: Options, started_at: datetime) -> str:
         "spell of the shared machine falls on both sides of a ratio; the naive app runs alone. "
         f"Small = cross_entropy input [8,10] f32 + target [8]: wrk -t1 -c{opts.connections} "
         f"for {opts.duration:g} s (req/s), wrk -t1 -c1 for {opts.c1_duration:g} s (p50), "
-        f"each in {opts.rounds} rounds. "
+        f"each in {opts.rounds} rounds; a row's req/s and p50 are the medians of its "
+        "rounds, and a req/s ratio is the median of the rounds' ratios (its two rows run "
+        "back to back in each round). "
         f"Large = input [4096,1000] f32 + target [4096] ({sizes}): median end-to-end "
         f"seconds of {opts.repeats} sequential requests per server after one warm-up "
         "(sent with service.transfer, the client's connection code, not httpx) "

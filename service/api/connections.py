@@ -214,7 +214,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # ------------------------------------------------------------------ parser callbacks
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # uvicorn's, less the ASGI scope: most requests are answered directly
+        # and never need one (``_open_scope`` makes it for the application)
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self.awaiting_headers = True
         self.header_bytes = 0
         if self.headers_due is None:
@@ -230,13 +234,29 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if size > self.max_header_bytes:
                 self.refused = True
                 self.headers_due = None
+                self._open_scope()  # uvicorn's upgrade check reads it
                 return
         if self.direct is not None and self._direct_candidate():
             return  # no request cycle: answered at the message's end (or sent on)
+        self._open_scope()
         # the deadline holds on until the body's first bytes (the application
         # reads a small body without a timeout of its own); a message without
         # a body completes here, in the same parse
         super().on_headers_complete()
+
+    def _open_scope(self) -> None:
+        """The request's ASGI scope, as uvicorn's ``on_message_begin`` makes it."""
+        self.scope = {  # type: ignore[typeddict-item]
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "root_path": self.root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
 
     def on_body(self, body: bytes) -> None:
         self.headers_due = None
@@ -320,6 +340,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _to_application(self, body: bytes, complete: bool) -> None:
         """Send the request the direct server did not answer to the
         application, as uvicorn would have: its cycle, then the body so far."""
+        self._open_scope()
         HttpToolsProtocol.on_headers_complete(self)
         if body:
             HttpToolsProtocol.on_body(self, body)
