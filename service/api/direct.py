@@ -31,7 +31,7 @@ from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from service.api.hotpaths import RouteLabel, match_compute
-from service.api.middleware import REQUEST_ID, HttpRecords, has_key, request_id_of
+from service.api.middleware import REQUEST_ID, HttpRecords, has_key, usable_request_id
 from service.api.problems import error_reply
 from service.api.routes import ComputeRoute, serve_now
 from service.api.runtime import HEADERS_KEY, RUNTIME_KEY, PiecesResponse, Runtime
@@ -108,7 +108,7 @@ class DirectServer:
         if response is None:
             return None
         self.records.stats.direct += 1
-        request_id = request_id_of(scope)
+        request_id = usable_request_id(headers.get(REQUEST_ID))
         out, keep_alive = _write(response, request_id, keep_alive, default_headers)
         sent = len(out[1]) if len(out) == 2 else sum(map(len, out[1:]))
         state = {"status": response.status_code, "in": len(body), "out": sent}

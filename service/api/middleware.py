@@ -63,7 +63,11 @@ REQUEST_IDS = RequestIds()
 
 def request_id_of(scope: Scope) -> bytes:
     """The request's X-Request-ID when it gave a usable one, else a new one."""
-    given = scope_header(scope, REQUEST_ID)
+    return usable_request_id(scope_header(scope, REQUEST_ID))
+
+
+def usable_request_id(given: bytes | None) -> bytes:
+    """``given`` (an X-Request-ID header) when it is usable, else a new id."""
     if given and len(given) <= 200 and given.isascii() and given.decode().isprintable():
         return given
     return REQUEST_IDS.next()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import orjson
@@ -83,6 +84,7 @@ def _json_work(
     return Work(prepare, respond, compressed=is_compressed(encoding))
 
 
+@cache  # one per loss, not one per request
 def loss_maker(spec: LossSpec) -> Callable[[Any, Settings, Timings], Prepared[bytes]]:
     """How a /v1 loss body becomes the costed work whose result is the response body."""
 
@@ -147,7 +149,7 @@ def _parse_body(
     """The JSON of a request body, decompressed first when it says so; what
     decompressing and parsing hold is reserved in the memory budget first."""
     start = time.perf_counter()
-    raw = decompress(body, encoding, settings.max_body_bytes, admit)
+    raw = decompress(body, encoding, settings.max_body_bytes, admit) if encoding else body
     admit(parse_bytes(raw, commas if raw is body else None), "parsing the request body")
     payload = parse_json(raw)
     timings.decode += time.perf_counter() - start
