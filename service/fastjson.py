@@ -95,7 +95,10 @@ class ArrayError(ValueError):
 def loads(body: bytes | bytearray | memoryview) -> Any:
     """Parse a request body; 422 when it is not JSON or nests too deep."""
     if len(body) < SIMDJSON_MIN_BODY:
-        return _orjson(body)
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _orjson(body)  # which says why
     parser = _take_parser(len(body))
     try:
         document = parser.parse(body)

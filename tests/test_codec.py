@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import math
 import re
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import orjson
@@ -71,6 +74,36 @@ def test_float_role_rounds_once_like_torch_tensor() -> None:
     values = [0.1, 1 / 3, 1e-40, 65504.0, 1e308]
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         assert torch.equal(decode(values, dtype=dtype), torch.tensor(values, dtype=dtype))
+
+
+@pytest.mark.parametrize("action", ["error", "ignore", "default", "always"])
+def test_float32_overflow_is_infinite_whatever_the_warning_filter(action: str) -> None:
+    """A cast past float32's range gives inf as torch does, whether warnings
+    are errors (a retry with numpy's check off) or not."""
+    values = [1e308, -1e308, 3.5e38, 1.0]
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter(action)
+        got = decode(values, dtype=torch.float32)
+        flat = decode({"shape": [2, 2], "data": values}, dtype=torch.float32)
+    assert torch.equal(got, torch.tensor(values, dtype=torch.float32))
+    assert torch.equal(flat, got.reshape(2, 2))
+
+
+def test_float32_overflow_warns_nothing_in_a_server() -> None:
+    """Under Python's default warning filters (a server's), a client's 1e308
+    writes no numpy warning to the log."""
+    code = (
+        "import torch; from service.tensors import decode_tensor, ElementBudget\n"
+        "t = decode_tensor([1e308, 2.0], field='input', role='float', "
+        "float_dtype=torch.float32, budget=ElementBudget(100))\n"
+        "print(t.tolist())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert done.stdout.strip() == "[inf, 2.0]"
+    assert "overflow" not in done.stderr, done.stderr
 
 
 def test_index_role() -> None:
