@@ -364,6 +364,14 @@ def encode_response(
     """The response body in pieces (the JSON header, then each binary output's
     bytes as a view of its tensor: none is copied into one body), and the JSON
     header's length when binary data follows."""
+    value = evaluation.value
+    if (
+        request.outputs is None
+        and not request.binary_output
+        and not evaluation.grads
+        and value.dim() == 0
+    ):
+        return [_loss_only(request, value)], None
     outputs: list[dict[str, Any]] = []
     chunks: list[bytes | memoryview] = []
     for requested, tensor in selected_outputs(request, evaluation):
@@ -385,13 +393,51 @@ def encode_response(
         else:
             output["data"] = encode_flat(tensor)
         outputs.append(output)
-    response: dict[str, Any] = {"model_name": request.spec.name, "model_version": MODEL_VERSION}
-    if request.id is not None:
-        response["id"] = request.id
-    # where it ran, as /v1's "device" says (service.client reports it)
-    response["parameters"] = {"device": device_name(evaluation.value.device)}
-    response["outputs"] = outputs
-    header = orjson.dumps(response)
+    header = orjson.dumps(_response(request.spec, request.id, value.device, outputs))
     if not chunks:
         return [header], None
     return [header, *chunks], len(header)
+
+
+def _response(
+    spec: LossSpec, request_id: Any, device: torch.device, outputs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    response: dict[str, Any] = {"model_name": spec.name, "model_version": MODEL_VERSION}
+    if request_id is not None:
+        response["id"] = request_id
+    # where it ran, as /v1's "device" says (service.client reports it)
+    response["parameters"] = {"device": device_name(device)}
+    response["outputs"] = outputs
+    return response
+
+
+# The JSON around the one number of a loss-only response (no outputs named,
+# no gradients, a 0-dim loss, as JSON): the same for every request to a model
+# on a device with a datatype, so orjson writes it once (``_template``) and a
+# request fills in its number, and its id, the way orjson writes them there.
+_TEMPLATES: dict[tuple[str, torch.device, torch.dtype], tuple[bytes, bytes, bytes]] = {}
+_ID = orjson.Fragment(b"\x00")  # never in orjson's output: it escapes control characters
+_NUMBER = orjson.Fragment(b"\x01")
+
+
+def _loss_only(request: InferRequest, value: torch.Tensor) -> bytes:
+    """A loss-only response, the bytes ``orjson.dumps`` gives for its dict."""
+    key = (request.spec.name, value.device, value.dtype)
+    template = _TEMPLATES.get(key) or _template(request.spec, value, key)
+    head, middle, tail = template
+    number = orjson.dumps(encode_scalar(value))
+    if request.id is None:
+        return b"".join((head, middle, number, tail))
+    return b"".join((head, b',"id":', orjson.dumps(request.id), middle, number, tail))
+
+
+def _template(
+    spec: LossSpec, value: torch.Tensor, key: tuple[str, torch.device, torch.dtype]
+) -> tuple[bytes, bytes, bytes]:
+    output: dict[str, Any] = {"name": "loss", "shape": [1], "datatype": DATATYPE_NAMES[value.dtype]}
+    output["data"] = [_NUMBER]
+    text = orjson.dumps(_response(spec, _ID, value.device, [output]))
+    before, after = text.split(b"\x01")
+    head, middle = before.split(b',"id":\x00')
+    _TEMPLATES[key] = head, middle, after  # few: models x devices x float dtypes
+    return head, middle, after
