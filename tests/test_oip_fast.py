@@ -48,8 +48,10 @@ def test_a_loss_only_response_is_what_the_general_path_writes(
     general = encode_response(named, evaluation(spec, value))
     assert fast == general
     item = value.item()
-    data = item if math.isfinite(item) else {math.inf: "Infinity", -math.inf: "-Infinity"}.get(
-        item, "NaN"
+    data = (
+        item
+        if math.isfinite(item)
+        else {math.inf: "Infinity", -math.inf: "-Infinity"}.get(item, "NaN")
     )
     expected: dict[str, Any] = {"model_name": spec.name, "model_version": "1"}
     if request_id is not None:
@@ -62,9 +64,7 @@ def test_a_loss_only_response_is_what_the_general_path_writes(
 
 
 def fast_datatype(dtype: torch.dtype) -> str:
-    return {torch.float32: "FP32", torch.float64: "FP64", torch.float16: "FP16"}.get(
-        dtype, "BF16"
-    )
+    return {torch.float32: "FP32", torch.float64: "FP64", torch.float16: "FP16"}.get(dtype, "BF16")
 
 
 def test_a_loss_with_elements_or_gradients_takes_the_general_path() -> None:
