@@ -104,13 +104,14 @@ def parse_infer(
         raise BadRequest(f"invalid JSON in the inference request header: {reason}") from None
     if not isinstance(payload, dict):
         raise BadRequest("the inference request must be a JSON object")
-    unknown = set(payload) - REQUEST_FIELDS
-    if unknown:
+    if not REQUEST_FIELDS.issuperset(payload):
+        unknown = set(payload) - REQUEST_FIELDS
         raise BadRequest(
             f"unknown field(s) {quote(sorted(unknown))} in the inference request; expected "
             "id, parameters, inputs, outputs, model_name, model_version"
         )
-    check_model_fields(spec, payload.get("model_name"), payload.get("model_version"))
+    if "model_name" in payload or "model_version" in payload:
+        check_model_fields(spec, payload.get("model_name"), payload.get("model_version"))
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest(f"id must be a string, got {quote(request_id)}")
@@ -127,7 +128,7 @@ def parse_infer(
         request_id,
         tensors={},
         parameters=parameters,
-        outputs=_parse_outputs(spec, payload.get("outputs"), regions),
+        outputs=_parse_outputs(spec, payload["outputs"], regions) if "outputs" in payload else None,
         binary_output=binary_output,
     )
     inputs = payload.get("inputs")
