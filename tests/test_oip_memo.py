@@ -263,12 +263,22 @@ def _edit(body: dict[str, Any], edit: str, index: int) -> None:
         body["parameters"] = {"binary_data_output": False}
     elif edit == "outputs":
         body["outputs"] = [{"name": "grad_input"}]
+    elif isinstance(item.get("data"), list) and item["data"]:
+        data = item["data"]
+        item["data"] = {
+            "non-finite data": ["NaN", *data[1:]],
+            "boolean data": [True, *data[1:]],
+            "one more value": [*data, 1],
+            "nested data": [data],
+            "fractional data": [v + 0.5 if isinstance(v, int | float) else v for v in data],
+        }[edit]
 
 
 EDITS = st.sampled_from(
     ["extra field", "dimension as float", "dimension as bool", "another name",
      "another datatype", "input parameters", "no data", "twice", "one fewer",
-     "a parameter", "parameter names", "outputs"]
+     "a parameter", "parameter names", "outputs", "non-finite data", "boolean data",
+     "one more value", "nested data", "fractional data"]
 )  # fmt: skip
 
 
