@@ -1,7 +1,8 @@
-"""What the OIP front door remembers (the checks of a JSON-data input, which
-inputs are missing, what a request's parameters came out as) never changes
-an answer: a request answered after another that filled those memos gets
-the same bytes it gets from a fresh process, whatever came before it."""
+"""What the OIP front door remembers (the checks of a JSON-data input, those
+of an all-JSON request's inputs, which inputs are missing, what a request's
+parameters came out as) never changes an answer: a request answered after
+another that filled those memos gets the same bytes it gets from a fresh
+process, whatever came before it."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ MEMO = settings(
 
 def forget() -> None:
     oip_json._CHECKED.clear()
+    oip_json._PLANS.clear()
     oip._CALLS.clear()
     oip._missing.cache_clear()
 
@@ -136,10 +138,12 @@ def test_the_memos_are_used(client: TestClient) -> None:
     status, first = answer(client, base())
     assert status == 200
     assert len(oip_json._CHECKED) == 2 and len(oip._CALLS) == 1
+    assert len(oip_json._PLANS) == 1
     misses = oip._missing.cache_info().misses
     assert answer(client, base()) == (200, first)
     assert oip._missing.cache_info().misses == misses
     assert len(oip_json._CHECKED) == 2 and len(oip._CALLS) == 1
+    assert len(oip_json._PLANS) == 1
 
 
 @pytest.mark.parametrize(
@@ -186,3 +190,109 @@ def test_a_full_memo_starts_over_and_keeps_serving(
     assert answer(client, fresh)[0] == 200
     assert len(oip._CALLS) in (before + 1, 1)
     assert answer(client, base()) == (200, plain)
+
+
+# gaussian_nll_loss takes var as an input or as a number parameter: which
+# inputs a request needs depends on its parameters' names
+GAUSSIAN_INPUTS = st.lists(
+    st.sampled_from(
+        [
+            {"name": "input", "shape": [3], "datatype": "FP32", "data": [0.5, 1.0, -0.5]},
+            {"name": "target", "shape": [3], "datatype": "FP32", "data": [0.0, 1.0, 2.0]},
+            {"name": "var", "shape": [3], "datatype": "FP32", "data": [1.0, 0.5, 2.0]},
+            {"name": "var", "shape": [3], "datatype": "FP64", "data": [1, 0.5, "NaN"]},
+            {"name": "grad_output", "shape": [], "datatype": "FP32", "data": [1.0]},
+        ]
+    ),
+    min_size=1,
+    max_size=4,
+)
+GAUSSIAN_PARAMETERS = st.sampled_from(
+    [{}, {"var": 0.5}, {"var": "x"}, {"full": True}, {"var": 1, "grad": True}]
+)
+
+
+@st.composite
+def gaussian(draw: st.DrawFn) -> dict[str, Any]:
+    return {"inputs": draw(GAUSSIAN_INPUTS), "parameters": draw(GAUSSIAN_PARAMETERS)}
+
+
+def gaussian_answer(client: TestClient, body: dict[str, Any]) -> tuple[int, bytes]:
+    response = client.post("/v2/models/gaussian_nll_loss/infer", content=json.dumps(body))
+    return response.status_code, response.content
+
+
+@MEMO
+@given(before=st.lists(gaussian(), max_size=3), after=gaussian())
+def test_which_inputs_a_request_needs_is_not_taken_from_another(
+    client: TestClient, before: list[dict[str, Any]], after: dict[str, Any]
+) -> None:
+    forget()
+    fresh = gaussian_answer(client, after)
+    forget()
+    for body in before:
+        gaussian_answer(client, body)
+    assert gaussian_answer(client, after) == fresh
+    assert gaussian_answer(client, after) == fresh
+
+
+def _edit(body: dict[str, Any], edit: str, index: int) -> None:
+    inputs = body["inputs"]
+    item = inputs[index % len(inputs)]
+    if edit == "extra field":
+        item["extra"] = 1
+    elif edit == "dimension as float":
+        item["shape"] = [float(d) for d in item["shape"]]
+    elif edit == "dimension as bool":
+        item["shape"] = [True if d == 1 else d for d in [1, *item["shape"]]]
+    elif edit == "another name":
+        item["name"] = "weight"
+    elif edit == "another datatype":
+        item["datatype"] = "FP64" if item["datatype"] != "FP64" else "INT64"
+    elif edit == "input parameters":
+        item["parameters"] = {"binary_data_size": 8}
+    elif edit == "no data":
+        del item["data"]
+    elif edit == "twice":
+        inputs.append(dict(item))
+    elif edit == "one fewer":
+        del inputs[index % len(inputs)]
+    elif edit == "a parameter":
+        body["parameters"] = {**body.get("parameters", {}), "label_smoothing": 0.1}
+    elif edit == "parameter names":
+        body["parameters"] = {"binary_data_output": False}
+    elif edit == "outputs":
+        body["outputs"] = [{"name": "grad_input"}]
+    elif isinstance(item.get("data"), list) and item["data"]:
+        data = item["data"]
+        item["data"] = {
+            "non-finite data": ["NaN", *data[1:]],
+            "boolean data": [True, *data[1:]],
+            "one more value": [*data, 1],
+            "nested data": [data],
+            "fractional data": [v + 0.5 if isinstance(v, int | float) else v for v in data],
+        }[edit]
+
+
+EDITS = st.sampled_from(
+    ["extra field", "dimension as float", "dimension as bool", "another name",
+     "another datatype", "input parameters", "no data", "twice", "one fewer",
+     "a parameter", "parameter names", "outputs", "non-finite data", "boolean data",
+     "one more value", "nested data", "fractional data"]
+)  # fmt: skip
+
+
+@MEMO
+@given(before=variants(), edit=EDITS, index=st.integers(0, 1))
+def test_a_request_one_edit_away_from_a_remembered_one_gets_its_own_answer(
+    client: TestClient, before: dict[str, Any], edit: str, index: int
+) -> None:
+    after = json.loads(json.dumps(before))
+    _edit(after, edit, index)
+    if not after["inputs"]:
+        return
+    forget()
+    fresh = answer(client, after)
+    forget()
+    answer(client, before)
+    assert answer(client, after) == fresh

@@ -222,12 +222,15 @@ def open_infer(scope: Scope, spec: LossSpec) -> tuple[Reading, LossSpec]:
     where the JSON header ends; an all-JSON body has its commas counted as it
     arrives, as /v1's."""
     declared = scope_header(scope, HEADER_LENGTH_KEY)
+    if declared is None:
+        return JSON_READING, spec
     align = (  # ASCII digits only: "²" is a digit too, and int() refuses it
-        int(declared)
-        if declared and declared.isascii() and declared.isdigit() and len(declared) < 19
-        else 0
+        int(declared) if declared.isascii() and declared.isdigit() and len(declared) < 19 else 0
     )
-    return Reading(align=align, count_commas=declared is None), spec
+    return Reading(align=align), spec
+
+
+JSON_READING = Reading(count_commas=True)  # made once: most bodies are all JSON
 
 
 Reply = tuple[list[bytes | memoryview], int | None]

@@ -308,8 +308,9 @@ def loss_call(request: InferRequest, encoding: str = "flat") -> LossCall:
     spec = request.spec
     key: tuple[Any, ...] | None = None
     if request.outputs is None:
-        key = (spec, encoding, request.binary_output, tuple(request.tensors),
-               *(value_key(k, v) for k, v in request.parameters.items()))  # fmt: skip
+        key = (spec, encoding, request.binary_output, tuple(request.tensors))
+        if request.parameters:
+            key += tuple(value_key(k, v) for k, v in request.parameters.items())
         try:
             known = _CALLS.get(key)
         except TypeError:  # a value that cannot be a key (a list of grad names)
@@ -317,7 +318,8 @@ def loss_call(request: InferRequest, encoding: str = "flat") -> LossCall:
         if known is not None:
             options, grad, device, numbers, raw = known
             arguments: dict[str, Argument] = {n: (t, True) for n, t in request.tensors.items()}
-            arguments.update(numbers)
+            if numbers:
+                arguments.update(numbers)
             return LossCall(
                 spec,
                 arguments,

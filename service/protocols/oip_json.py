@@ -104,13 +104,14 @@ def parse_infer(
         raise BadRequest(f"invalid JSON in the inference request header: {reason}") from None
     if not isinstance(payload, dict):
         raise BadRequest("the inference request must be a JSON object")
-    unknown = set(payload) - REQUEST_FIELDS
-    if unknown:
+    if not REQUEST_FIELDS.issuperset(payload):
+        unknown = set(payload) - REQUEST_FIELDS
         raise BadRequest(
             f"unknown field(s) {quote(sorted(unknown))} in the inference request; expected "
             "id, parameters, inputs, outputs, model_name, model_version"
         )
-    check_model_fields(spec, payload.get("model_name"), payload.get("model_version"))
+    if "model_name" in payload or "model_version" in payload:
+        check_model_fields(spec, payload.get("model_name"), payload.get("model_version"))
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest(f"id must be a string, got {quote(request_id)}")
@@ -127,7 +128,7 @@ def parse_infer(
         request_id,
         tensors={},
         parameters=parameters,
-        outputs=_parse_outputs(spec, payload.get("outputs"), regions),
+        outputs=_parse_outputs(spec, payload["outputs"], regions) if "outputs" in payload else None,
         binary_output=binary_output,
     )
     inputs = payload.get("inputs")
@@ -135,6 +136,26 @@ def parse_infer(
         raise BadRequest(
             f"inputs must be a non-empty array; model {spec.name} takes {describe_inputs(spec)}"
         )
+    key = _inputs_key(spec, inputs, parameters) if not binary else None
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:  # inputs as a request passed every check with: only the data is new
+        for item, (name, extent, dtype) in zip(inputs, plan, strict=True):
+            data, shape = item["data"], item["shape"]
+            # a few plain numbers in one step (as _decode_json_data reads them first)
+            tensor = (
+                small_tensor(data, name, dtype, shape)
+                if dtype is not None and type(data) is list
+                else None
+            )
+            if tensor is not None:
+                budget.take(name, tensor.numel(), extent)
+            else:
+                tensor = _decode_json_array(name, data, shape, extent, item["datatype"], budget)
+            if name == "grad_output":
+                request.grad_output = tensor
+            else:
+                request.tensors[name] = tensor
+        return request
     offset = 0
     for index, item in enumerate(inputs):
         name, tensor, size = _decode_input(spec, index, item, binary, offset, budget, regions)
@@ -146,7 +167,45 @@ def parse_infer(
             f"inputs' binary_data_size add up to {offset}"
         )
     check_inputs(request)
+    if key is not None:  # every input passed, and together they are what the model takes
+        plan = tuple(
+            (item["name"], check_dims(item["shape"], ""), _direct_dtype(item["datatype"]))
+            for item in inputs
+        )
+        remember(_PLANS, key, plan, PLANS_KEPT)
     return request
+
+
+# The inputs of all-JSON requests whose inputs passed every check (each
+# input's and those of the set: none twice, none missing), by model, each
+# input's name, datatype, fields and shape, and the parameters' names (a
+# number argument may come as one): clients repeat them call after call, and
+# the checks cost more than decoding small inputs (bounded: clients choose
+# them). Each input's name, extent and, for a datatype read in one step
+# (``DIRECT``), its dtype, in order.
+_PLANS: dict[tuple[Any, ...], tuple[tuple[str, int, torch.dtype | None], ...]] = {}
+PLANS_KEPT = 4096
+
+
+def _inputs_key(
+    spec: LossSpec, inputs: list[Any], parameters: dict[str, Any]
+) -> tuple[Any, ...] | None:
+    """The key of an all-JSON request's inputs (``_PLANS``): each plain JSON
+    input's name, datatype, fields and shape, with their types checked (True
+    and 1.0 equal 1 and must not share its entry), and the parameters'
+    names; None when any input is not plain."""
+    key: list[Any] = [spec, tuple(parameters)]
+    for item in inputs:
+        if type(item) is not dict or "data" not in item or item.get("parameters"):
+            return None
+        name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
+        if type(name) is not str or type(datatype) is not str or type(shape) is not list:
+            return None
+        for value in shape:
+            if type(value) is not int:
+                return None
+        key += (name, datatype, tuple(item), tuple(shape))
+    return tuple(key)
 
 
 # JSON-data inputs whose name, fields, shape and datatype passed every check,
@@ -257,6 +316,10 @@ def _decode_input(
     return name, tensor, size
 
 
+def _direct_dtype(datatype: str) -> torch.dtype | None:
+    return DATATYPES[datatype] if datatype in DIRECT else None
+
+
 def _dimensions(shape: list[Any]) -> bool:
     """Every dimension a non-negative integer; or one past int64 that JSON
     parsing made a double (check_dims refuses it as outside int64, with a 422)."""
@@ -279,12 +342,24 @@ def _decode_json_data(
 ) -> torch.Tensor:
     """JSON ``data`` (flat or nested, row-major) -> a tensor of ``shape`` and
     ``datatype``'s dtype (int64 for the widened ones)."""
-    dtype = DATATYPES.get(datatype, torch.int64)
     if datatype in DIRECT and type(data) is list:
-        small = small_tensor(data, name, dtype, shape)
+        small = small_tensor(data, name, DATATYPES[datatype], shape)
         if small is not None:  # a few plain numbers, as many as the shape takes
             budget.take(name, small.numel(), extent)
             return small
+    return _decode_json_array(name, data, shape, extent, datatype, budget)
+
+
+def _decode_json_array(
+    name: str,
+    data: Any,
+    shape: list[int],
+    extent: int,
+    datatype: str,
+    budget: ElementBudget,
+) -> torch.Tensor:
+    """``_decode_json_data`` for data that is not a few plain numbers."""
+    dtype = DATATYPES.get(datatype, torch.int64)
     if dtype.is_floating_point:
         tensor, _ = decode_raw(data, field=name, role="float", float_dtype=dtype, budget=budget)
     else:
@@ -364,6 +439,14 @@ def encode_response(
     """The response body in pieces (the JSON header, then each binary output's
     bytes as a view of its tensor: none is copied into one body), and the JSON
     header's length when binary data follows."""
+    value = evaluation.value
+    if (
+        request.outputs is None
+        and not request.binary_output
+        and not evaluation.grads
+        and value.dim() == 0
+    ):
+        return [_loss_only(request, value)], None
     outputs: list[dict[str, Any]] = []
     chunks: list[bytes | memoryview] = []
     for requested, tensor in selected_outputs(request, evaluation):
@@ -385,13 +468,51 @@ def encode_response(
         else:
             output["data"] = encode_flat(tensor)
         outputs.append(output)
-    response: dict[str, Any] = {"model_name": request.spec.name, "model_version": MODEL_VERSION}
-    if request.id is not None:
-        response["id"] = request.id
-    # where it ran, as /v1's "device" says (service.client reports it)
-    response["parameters"] = {"device": device_name(evaluation.value.device)}
-    response["outputs"] = outputs
-    header = orjson.dumps(response)
+    header = orjson.dumps(_response(request.spec, request.id, value.device, outputs))
     if not chunks:
         return [header], None
     return [header, *chunks], len(header)
+
+
+def _response(
+    spec: LossSpec, request_id: Any, device: torch.device, outputs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    response: dict[str, Any] = {"model_name": spec.name, "model_version": MODEL_VERSION}
+    if request_id is not None:
+        response["id"] = request_id
+    # where it ran, as /v1's "device" says (service.client reports it)
+    response["parameters"] = {"device": device_name(device)}
+    response["outputs"] = outputs
+    return response
+
+
+# The JSON around the one number of a loss-only response (no outputs named,
+# no gradients, a 0-dim loss, as JSON): the same for every request to a model
+# on a device with a datatype, so orjson writes it once (``_template``) and a
+# request fills in its number, and its id, the way orjson writes them there.
+_TEMPLATES: dict[tuple[str, torch.device, torch.dtype], tuple[bytes, bytes, bytes]] = {}
+_ID = orjson.Fragment(b"\x00")  # never in orjson's output: it escapes control characters
+_NUMBER = orjson.Fragment(b"\x01")
+
+
+def _loss_only(request: InferRequest, value: torch.Tensor) -> bytes:
+    """A loss-only response, the bytes ``orjson.dumps`` gives for its dict."""
+    key = (request.spec.name, value.device, value.dtype)
+    template = _TEMPLATES.get(key) or _template(request.spec, value, key)
+    head, middle, tail = template
+    number = orjson.dumps(encode_scalar(value))
+    if request.id is None:
+        return b"".join((head, middle, number, tail))
+    return b"".join((head, b',"id":', orjson.dumps(request.id), middle, number, tail))
+
+
+def _template(
+    spec: LossSpec, value: torch.Tensor, key: tuple[str, torch.device, torch.dtype]
+) -> tuple[bytes, bytes, bytes]:
+    output: dict[str, Any] = {"name": "loss", "shape": [1], "datatype": DATATYPE_NAMES[value.dtype]}
+    output["data"] = [_NUMBER]
+    text = orjson.dumps(_response(spec, _ID, value.device, [output]))
+    before, after = text.split(b"\x01")
+    head, middle = before.split(b',"id":\x00')
+    _TEMPLATES[key] = head, middle, after  # few: models x devices x float dtypes
+    return head, middle, after
