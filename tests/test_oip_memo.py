@@ -296,3 +296,22 @@ def test_a_request_one_edit_away_from_a_remembered_one_gets_its_own_answer(
     forget()
     answer(client, before)
     assert answer(client, after) == fresh
+
+
+def test_a_remembered_request_still_meets_the_element_limits(client: TestClient) -> None:
+    """The memos are shared by every app in the process: a request remembered
+    under generous limits is still held to a stricter app's (a hit skips the
+    checks, never the element budget)."""
+    from service.config import Settings
+    from service.main import create_app
+
+    body = base()  # 6 + 2 elements
+    assert answer(client, body)[0] == 200
+    assert answer(client, body)[0] == 200  # remembered now
+    assert oip_json._PLANS
+    for limits in ({"max_tensor_elements": 7}, {"max_elements_per_tensor": 5}):
+        strict = create_app(Settings(device="cpu", log_level="warning", **limits))
+        with TestClient(strict, raise_server_exceptions=False) as other:
+            status, content = answer(other, body)
+        assert status == 413, content
+        assert b"LOSS_SERVICE_MAX_" in content
