@@ -190,22 +190,31 @@ PLANS_KEPT = 4096
 def _inputs_key(
     spec: LossSpec, inputs: list[Any], parameters: dict[str, Any]
 ) -> tuple[Any, ...] | None:
-    """The key of an all-JSON request's inputs (``_PLANS``): each plain JSON
-    input's name, datatype, fields and shape, with their types checked (True
-    and 1.0 equal 1 and must not share its entry), and the parameters'
-    names; None when any input is not plain."""
+    """The key of an all-JSON request's inputs (``_PLANS``): each input's
+    ``_plain_input``, and the parameters' names; None when any input is not
+    plain."""
     key: list[Any] = [spec, tuple(parameters)]
     for item in inputs:
-        if type(item) is not dict or "data" not in item or item.get("parameters"):
+        plain = _plain_input(item)
+        if plain is None:
             return None
-        name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
-        if type(name) is not str or type(datatype) is not str or type(shape) is not list:
-            return None
-        for value in shape:
-            if type(value) is not int:
-                return None
-        key += (name, datatype, tuple(item), tuple(shape))
+        key += plain
     return tuple(key)
+
+
+def _plain_input(item: Any) -> tuple[str, str, tuple[str, ...], tuple[int, ...]] | None:
+    """A plain JSON-data input's name, datatype, field names and shape, when
+    each is of the type the checks pass (a string, integers: True and 1.0
+    equal 1 and must not share a memo entry); None for anything else."""
+    if type(item) is not dict or "data" not in item or item.get("parameters"):
+        return None
+    name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
+    if type(name) is not str or type(datatype) is not str or type(shape) is not list:
+        return None
+    for value in shape:
+        if type(value) is not int:
+            return None
+    return name, datatype, tuple(item), tuple(shape)
 
 
 # JSON-data inputs whose name, fields, shape and datatype passed every check,
@@ -216,19 +225,10 @@ CHECKED_KEPT = 4096
 
 
 def _checked_key(spec: LossSpec, item: Any) -> tuple[Any, ...] | None:
-    """The key of a plain JSON-data input's checks (``_CHECKED``): its name,
-    datatype, fields and shape, when each is of the type the checks pass
-    (a string, integers: True and 1.0 equal 1 and must not share its entry);
-    None for anything else."""
-    if type(item) is not dict or "data" not in item or item.get("parameters"):
-        return None
-    name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
-    if type(name) is not str or type(datatype) is not str or type(shape) is not list:
-        return None
-    for value in shape:
-        if type(value) is not int:
-            return None
-    return (spec, name, datatype, tuple(item), *shape)
+    """The key of a plain JSON-data input's checks (``_CHECKED``), or None
+    (``_plain_input``)."""
+    plain = _plain_input(item)
+    return None if plain is None else (spec, *plain)
 
 
 def _decode_input(
