@@ -460,11 +460,14 @@ _NUMPY_CASTS: dict[torch.dtype | None, type[np.generic]] = {
 
 
 # A number past float32's range becomes infinite in a float32 tensor, as in
-# torch; numpy's cast warns then, and that warning is ignored here. Where
-# warnings are errors (the tests) the cast raises instead and is made again
-# with numpy's overflow check off: that errstate costs as much as the cast of
-# a small tensor (~1 us), so only a cast that overflowed pays it.
-warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
+# torch; numpy's cast warns then, and that warning is ignored for the casts
+# of this module (and no other code's). Where warnings are errors (the tests)
+# the cast raises instead and is made again with numpy's overflow check off:
+# that errstate costs as much as the cast of a small tensor (~1 us), so only
+# a cast that overflowed pays it.
+warnings.filterwarnings(
+    "ignore", "overflow encountered in cast", RuntimeWarning, module=r"service\.tensors$"
+)
 
 
 def _narrow(array: np.ndarray[Any, Any], dtype: type[np.generic]) -> np.ndarray[Any, Any]:
