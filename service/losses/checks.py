@@ -97,7 +97,7 @@ def class_target(tensors: Tensors, options: Mapping[str, Any]) -> None:
     dims = len(input_shape)
     if target.is_floating_point():
         if target.shape != input_shape:
-            expected = [] if dims == 1 else [input.shape[0], *input.shape[2:]]
+            expected = [] if dims == 1 else [input_shape[0], *input_shape[2:]]
             raise invalid(
                 "target",
                 f"expected shape {shape(input)} for class probabilities (input's shape; "

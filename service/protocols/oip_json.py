@@ -139,18 +139,9 @@ def parse_infer(
     key = _inputs_key(spec, inputs, parameters) if not binary else None
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:  # inputs as a request passed every check with: only the data is new
-        for item, (name, extent, dtype) in zip(inputs, plan, strict=True):
-            data, shape = item["data"], item["shape"]
-            # a few plain numbers in one step (as _decode_json_data reads them first)
-            tensor = (
-                small_tensor(data, name, dtype, shape)
-                if dtype is not None and type(data) is list
-                else None
-            )
-            if tensor is not None:
-                budget.take(name, tensor.numel(), extent)
-            else:
-                tensor = _decode_json_array(name, data, shape, extent, item["datatype"], budget)
+        for item, (name, extent) in zip(inputs, plan, strict=True):
+            data, shape, datatype = item["data"], item["shape"], item["datatype"]
+            tensor = _decode_json_data(name, data, shape, extent, datatype, budget)
             if name == "grad_output":
                 request.grad_output = tensor
             else:
@@ -168,10 +159,7 @@ def parse_infer(
         )
     check_inputs(request)
     if key is not None:  # every input passed, and together they are what the model takes
-        plan = tuple(
-            (item["name"], check_dims(item["shape"], ""), _direct_dtype(item["datatype"]))
-            for item in inputs
-        )
+        plan = tuple((item["name"], check_dims(item["shape"], "")) for item in inputs)
         remember(_PLANS, key, plan, PLANS_KEPT)
     return request
 
@@ -181,9 +169,8 @@ def parse_infer(
 # input's name, datatype, fields and shape, and the parameters' names (a
 # number argument may come as one): clients repeat them call after call, and
 # the checks cost more than decoding small inputs (bounded: clients choose
-# them). Each input's name, extent and, for a datatype read in one step
-# (``DIRECT``), its dtype, in order.
-_PLANS: dict[tuple[Any, ...], tuple[tuple[str, int, torch.dtype | None], ...]] = {}
+# them). Each input's name and extent, in order.
+_PLANS: dict[tuple[Any, ...], tuple[tuple[str, int], ...]] = {}
 PLANS_KEPT = 4096
 
 
@@ -316,10 +303,6 @@ def _decode_input(
     return name, tensor, size
 
 
-def _direct_dtype(datatype: str) -> torch.dtype | None:
-    return DATATYPES[datatype] if datatype in DIRECT else None
-
-
 def _dimensions(shape: list[Any]) -> bool:
     """Every dimension a non-negative integer; or one past int64 that JSON
     parsing made a double (check_dims refuses it as outside int64, with a 422)."""
@@ -347,18 +330,6 @@ def _decode_json_data(
         if small is not None:  # a few plain numbers, as many as the shape takes
             budget.take(name, small.numel(), extent)
             return small
-    return _decode_json_array(name, data, shape, extent, datatype, budget)
-
-
-def _decode_json_array(
-    name: str,
-    data: Any,
-    shape: list[int],
-    extent: int,
-    datatype: str,
-    budget: ElementBudget,
-) -> torch.Tensor:
-    """``_decode_json_data`` for data that is not a few plain numbers."""
     dtype = DATATYPES.get(datatype, torch.int64)
     if dtype.is_floating_point:
         tensor, _ = decode_raw(data, field=name, role="float", float_dtype=dtype, budget=budget)
