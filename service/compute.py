@@ -45,8 +45,9 @@ TORCH_ARGUMENT_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, NotImp
 
 @dataclass
 class Timings:
-    """What one request cost: durations (the Server-Timing header) and the
-    tensor bytes in and out (metrics)."""
+    """What one request cost: durations (the Server-Timing header, the
+    statistics extension) and the tensor bytes in and out (metrics); the
+    request's record reads it as it is (``scope["state"]["loss_stats"]``)."""
 
     decode: float = 0.0
     compute: float = 0.0
@@ -54,16 +55,6 @@ class Timings:
     tensor_bytes_in: int = 0
     tensor_bytes_out: int = 0
     device: str | None = None
-
-    def stats(self) -> dict[str, object]:
-        return {
-            "tensor_bytes_in": self.tensor_bytes_in,
-            "tensor_bytes_out": self.tensor_bytes_out,
-            "device": self.device,
-            "decode": self.decode,
-            "compute": self.compute,
-            "encode": self.encode,
-        }
 
     def header(self) -> bytes:
         """The Server-Timing header value."""

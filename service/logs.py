@@ -24,19 +24,74 @@ class AccessLog:
         self.write = write or _write_stderr
         self._second = -1
         self._prefix = ""
+        self._millisecond, self._stamp_bytes = (-1, -1), b""
+        # the fixed parts of a JSON request line, by its labels (``request``)
+        self._parts: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
 
-    def line(self, fields: dict[str, Any], now: float) -> bytes:
-        """One line for a request that finished at ``now`` (time.time())."""
+    def _stamp(self, now: float) -> str:
         second = int(now)
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        ts = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+        return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+
+    def line(self, fields: dict[str, Any], now: float) -> bytes:
+        """One line for a request that finished at ``now`` (time.time())."""
+        ts = self._stamp(now)
         if self.json:
             return orjson.dumps({"ts": ts, "level": "info", "logger": "loss_service.access",
                                  "msg": "request", **fields}) + b"\n"  # fmt: skip
         pairs = text_fields(fields)
         return f"{ts} INFO loss_service.access request {pairs}\n".encode()
+
+    def request(
+        self,
+        request_id: bytes,
+        labels: tuple[str, str, str | None, int, str | None],
+        duration: float,
+        bytes_in: int,
+        bytes_out: int,
+        now: float,
+    ) -> bytes:
+        """The line of one request without a path field: ``line`` with the
+        fields ``request_id``, then ``labels`` (method, route, loss, status,
+        device), the duration in ms and the bytes in and out, byte for byte.
+        The labels' JSON is written once (they are few: the caller passes
+        bounded ones); a line costs about a third of ``line``'s."""
+        parts = (self._parts.get(labels) or self._learn(labels)) if self.json else None
+        if parts is None or not (request_id.isalnum() or PLAIN_ID.fullmatch(request_id)):
+            method, route, loss, status, device = labels
+            return self.line({
+                "request_id": request_id.decode(), "method": method, "route": route,
+                "loss": loss, "status": status, "duration_ms": round(duration * 1000, 3),
+                "bytes_in": bytes_in, "bytes_out": bytes_out, "device": device,
+            }, now)  # fmt: skip
+        middle, last = parts
+        second = int(now)
+        millisecond = (second, int((now - second) * 1000))  # as _stamp reads it
+        if millisecond != self._millisecond:  # a batch's lines share a few
+            self._millisecond, self._stamp_bytes = millisecond, self._stamp(now).encode()
+        return b'{"ts":"%s%s%s%s%s,"bytes_in":%d,"bytes_out":%d%s' % (
+            self._stamp_bytes, REQUEST_PREFIX, request_id, middle,
+            orjson.dumps(round(duration * 1000, 3)), bytes_in, bytes_out, last,
+        )  # fmt: skip
+
+    def _learn(self, labels: tuple[str, str, str | None, int, str | None]) -> tuple[bytes, bytes]:
+        if len(self._parts) >= 512:  # bounded all the same (a client chooses the method)
+            self._parts.clear()
+        method, route, loss, status, device = labels
+        fixed = orjson.dumps({"method": method, "route": route, "loss": loss, "status": status})
+        parts = self._parts[labels] = (
+            b'",' + fixed[1:-1] + b',"duration_ms":',
+            b',"device":' + orjson.dumps(device) + b"}\n",
+        )
+        return parts
+
+
+# A request id written into a JSON line as it is: printable ASCII without a
+# quote or a backslash (any other is escaped by orjson, on the slow path).
+PLAIN_ID = re.compile(rb"[ !#-\[\]-~]*")
+REQUEST_PREFIX = b'","level":"info","logger":"loss_service.access","msg":"request","request_id":"'
 
 
 # A value is written bare only when it cannot be read as more than one value:

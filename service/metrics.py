@@ -11,6 +11,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from itertools import accumulate
+from typing import Protocol
 
 import torch
 from prometheus_client import CollectorRegistry, Gauge
@@ -186,6 +187,17 @@ class RequestStats(Collector):
         return family
 
 
+class Timed(Protocol):
+    """What one request's record reads of its ``compute.Timings``."""
+
+    decode: float
+    compute: float
+    encode: float
+    tensor_bytes_in: int
+    tensor_bytes_out: int
+    device: str | None
+
+
 class ModelCounters:
     """One loss's inference counters, in the units of Triton's statistics
     extension (counts and nanoseconds; the last inference in ms since the epoch)."""
@@ -217,8 +229,10 @@ class ModelStats:
         self.models: dict[str, ModelCounters] = {}
 
     def record(
-        self, loss: str, status: int, seconds: float, timings: dict[str, object], now: float
+        self, loss: str, status: int, seconds: float, timings: Timed | None, now: float
     ) -> None:
+        """One finished inference; ``timings`` (the request's ``Timings``)
+        splits a success into input, inference and output time."""
         counters = self.models.get(loss)
         if counters is None:
             counters = self.models[loss] = ModelCounters()
@@ -230,14 +244,7 @@ class ModelStats:
         counters.success_count += 1
         counters.success_ns += ns
         counters.last_inference = int(now * 1000)
-        decode, compute, encode = (
-            timings.get("decode"),
-            timings.get("compute"),
-            timings.get("encode"),
-        )
-        if type(decode) is float:
-            counters.input_ns += int(decode * 1e9)
-        if type(compute) is float:
-            counters.infer_ns += int(compute * 1e9)
-        if type(encode) is float:
-            counters.output_ns += int(encode * 1e9)
+        if timings is not None:
+            counters.input_ns += int(timings.decode * 1e9)
+            counters.infer_ns += int(timings.compute * 1e9)
+            counters.output_ns += int(timings.encode * 1e9)

@@ -183,15 +183,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         stats = self.runtime.metrics.requests
         stats.record("GRPC", route, loss, status, duration)
         timings: Timings | None = scope.get("timings")
-        extra: dict[str, Any] = timings.stats() if timings is not None else {}
         if method == "ModelInfer" and loss:
-            self.runtime.metrics.models.record(loss, status, duration, extra, now)
+            self.runtime.metrics.models.record(loss, status, duration, timings, now)
         bytes_in, bytes_out = scope.get("bytes_in", 0), scope.get("bytes_out", 0)
         stats.body_in += bytes_in
         stats.body_out += bytes_out
-        if "tensor_bytes_in" in extra:
-            stats.tensor_in += extra["tensor_bytes_in"]
-            stats.tensor_out += extra["tensor_bytes_out"]
+        if timings is not None:
+            stats.tensor_in += timings.tensor_bytes_in
+            stats.tensor_out += timings.tensor_bytes_out
         if access_log is None:
             return None
         request_id = request_id or os.urandom(16).hex()
@@ -199,7 +198,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             "request_id": request_id[:200], "method": "GRPC", "route": route,
             "loss": loss or None, "status": status, "duration_ms": round(duration * 1000, 3),
             "bytes_in": bytes_in, "bytes_out": bytes_out,
-            "device": extra.get("device"),
+            "device": timings.device if timings is not None else None,
         }, now)  # fmt: skip
 
     # ------------------------------------------------------------- health and metadata

@@ -18,8 +18,10 @@ from service.api.problems import problem_body
 from service.api.routes import COMPUTE_ROUTES
 from service.api.runtime import RUNTIME_KEY, Runtime, scope_header
 from service.errors import QUOTE_LIMIT, Unauthorized
+from service.limits import remember
 from service.logs import AccessLog
 from service.losses.registry import LOSSES, canonical_name
+from service.metrics import Timed
 
 REQUEST_ID = b"x-request-id"
 # How long a finished request may wait to be counted and logged (in a batch).
@@ -129,6 +131,7 @@ class HttpRecords(Records):
         self.models = runtime.metrics.models
         # the routes whose requests are inferences (the statistics extension)
         self.inference_routes = frozenset(r.path for r in COMPUTE_ROUTES)
+        self.labels: dict[tuple[str | None, str | None], tuple[str, str, bool]] = {}
 
     def _record(
         self,
@@ -139,36 +142,51 @@ class HttpRecords(Records):
         duration: float,
         now: float,
     ) -> bytes | None:
-        route, loss = _labels(scope)
+        route, loss, model = self._labels(scope)
         method, status = scope["method"], state["status"]
         stats = self.stats
         stats.record(method if method in METHOD_LABELS else "other", route, loss, status, duration)
         stats.body_in += state["in"]
         stats.body_out += state["out"]
-        extra = scope["state"].get("loss_stats") or {}
-        if route in self.inference_routes and loss in LOSSES:
-            self.models.record(loss, state["status"], duration, extra, now)
-        if "tensor_bytes_in" in extra:
-            stats.tensor_in += extra["tensor_bytes_in"]
-            stats.tensor_out += extra["tensor_bytes_out"]
+        timings: Timed | None = scope["state"].get("loss_stats")
+        if model:
+            self.models.record(loss, status, duration, timings, now)
+        if timings is not None:
+            stats.tensor_in += timings.tensor_bytes_in
+            stats.tensor_out += timings.tensor_bytes_out
         if access_log is None:
             return None
-        fields: dict[str, Any] = {
-                "request_id": request_id.decode(),
-                "method": method,
-                "route": route,
-                "loss": loss or None,
-                "status": status,
-                "duration_ms": round(duration * 1000, 3),
-                "bytes_in": state["in"],
-                "bytes_out": state["out"],
-                "device": extra.get("device"),
-            }  # fmt: skip
+        device = timings.device if timings is not None else None
         if route == "unmatched" or status in LOGGED_PATH_STATUSES:
             # the route template says nothing here; the path, bounded (a
             # client chooses it) and quoted by the log format
-            fields["path"] = quote_path(scope)
-        return access_log.line(fields, now)
+            return access_log.line({
+                "request_id": request_id.decode(), "method": method, "route": route,
+                "loss": loss or None, "status": status, "duration_ms": round(duration * 1000, 3),
+                "bytes_in": state["in"], "bytes_out": state["out"], "device": device,
+                "path": quote_path(scope),
+            }, now)  # fmt: skip
+        labels = (method, route, loss or None, status, device)
+        return access_log.request(request_id, labels, duration, state["in"], state["out"], now)
+
+    def _labels(self, scope: Scope) -> tuple[str, str, bool]:
+        """The route template, the canonical loss name, and whether the
+        request is an inference (the statistics extension), remembered by
+        route and path parameter (a known loss's, or none)."""
+        route = scope.get("route")
+        name = scope.get("path_params", _NONE).get("name")
+        key = (getattr(route, "path", None), name)
+        found = self.labels.get(key)
+        if found is None:
+            path, loss = _labels(scope)
+            found = (path, loss, path in self.inference_routes and loss in LOSSES)
+            if name is None or loss in LOSSES:  # bounded: a client chooses the name
+                remember(self.labels, key, found, LABELS_KEPT)
+        return found
+
+
+_NONE: dict[str, str] = {}
+LABELS_KEPT = 1024
 
 
 class ObservabilityMiddleware:

@@ -78,7 +78,7 @@ def _json_work(
         return make(payload, settings, timings)
 
     def respond(content: bytes) -> Response:
-        scope["state"]["loss_stats"] = timings.stats()
+        scope["state"]["loss_stats"] = timings
         return RawResponse(content, b"application/json", [(b"server-timing", timings.header())])
 
     return Work(prepare, respond, compressed=is_compressed(encoding))

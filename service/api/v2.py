@@ -249,7 +249,7 @@ def infer_work(scope: Scope, body: Body, rt: Runtime, spec: LossSpec) -> Work[Re
 
     def respond(reply: Reply) -> Response:
         pieces, length = reply
-        scope["state"]["loss_stats"] = timings.stats()
+        scope["state"]["loss_stats"] = timings
         headers = [(b"server-timing", timings.header())]
         if length is None:
             return RawResponse(pieces[0], b"application/json", headers)
