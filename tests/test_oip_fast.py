@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from service.compute import Evaluation, LossCall
 from service.losses import resolve
+from service.protocols import v1
 from service.protocols.oip import InferRequest, OutputRequest
 from service.protocols.oip_json import encode_response
 
@@ -79,3 +80,47 @@ def test_a_loss_with_elements_or_gradients_takes_the_general_path() -> None:
     graded = Evaluation(LossCall(spec, {}, options={}), scalar, {"input": torch.tensor([0.5])})
     [header], _ = encode_response(loss_request(spec, None), graded)
     assert [o["name"] for o in orjson.loads(header)["outputs"]] == ["loss", "grad_input"]
+
+
+# ---------------------------------------------------------------- /v1's answer
+
+
+@FAST
+@given(
+    spec=SPECS,
+    dtype=st.one_of(FLOAT_DTYPES, st.sampled_from([torch.int64, torch.bool])),
+    number=VALUES,
+    grad=st.sampled_from([False, True, [], ["input"]]),
+    warned=st.booleans(),
+    shape=st.sampled_from([(), (1,), (2, 0), (3,)]),
+)
+def test_a_v1_body_is_the_general_response_dumped(
+    spec: Any,
+    dtype: torch.dtype,
+    number: float,
+    grad: Any,
+    warned: bool,
+    shape: tuple[int, ...],
+) -> None:
+    value = (
+        torch.full(shape, number, dtype=torch.float64).to(dtype)
+        if math.isfinite(number) or dtype.is_floating_point
+        else torch.zeros(shape, dtype=dtype)
+    )
+    result = Evaluation(
+        LossCall(spec, {}, options={}, grad=grad),
+        value,
+        {"input": torch.zeros(2)} if grad else {},
+        ["a warning"] if warned else [],
+    )
+    body = v1.encode_body(result)
+    assert body == orjson.dumps(v1.encode_response(result))
+    answer = orjson.loads(body)
+    assert answer["shape"] == list(shape) and answer["loss"] == spec.name
+    if not shape:  # the number itself, read back (non-finite ones as text)
+        item = value.item()
+        assert answer["value"] == item or (
+            isinstance(item, float)
+            and not math.isfinite(item)
+            and answer["value"] in ("NaN", "Infinity", "-Infinity")
+        )

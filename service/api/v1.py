@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import orjson
@@ -32,7 +32,7 @@ from service.config import Settings
 from service.errors import FieldError, InvalidPayload, ServiceError
 from service.losses import LOSSES, LossSpec, resolve
 from service.losses.info import example_response, loss_info
-from service.protocols.v1 import prepare_loss
+from service.protocols.v1 import prepare_body, prepare_loss
 from service.schemas import (
     BatchRequest,
     BatchResponse,
@@ -87,20 +87,7 @@ def _json_work(
 @cache  # one per loss, not one per request
 def loss_maker(spec: LossSpec) -> Callable[[Any, Settings, Timings], Prepared[bytes]]:
     """How a /v1 loss body becomes the costed work whose result is the response body."""
-
-    def make(payload: Any, settings: Settings, timings: Timings) -> Prepared[bytes]:
-        evaluation = prepare_loss(spec, payload, settings, timings)
-
-        def finish() -> bytes:
-            result = evaluation.finish()
-            start = time.perf_counter()
-            content = orjson.dumps(result)
-            timings.encode += time.perf_counter() - start
-            return content
-
-        return Prepared(evaluation.memory_bytes, finish)
-
-    return make
+    return partial(prepare_body, spec)
 
 
 def open_loss(scope: Scope, name: str) -> tuple[Reading, LossSpec]:
