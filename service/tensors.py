@@ -378,11 +378,9 @@ def _decode_nested(
     budget: ElementBudget,
 ) -> torch.Tensor:
     shape = _nested_shape(value, field)
-    count = extent = 1
-    for size in shape:
-        count *= size
-        extent *= size or 1
-    budget.take(field, count, extent)
+    count = math.prod(shape)
+    # the extent leaves zero dimensions out: with none, it is the count
+    budget.take(field, count, count or math.prod([size or 1 for size in shape]))
     return _tensor_from_list(
         value, (field,), float_dtype if role == "float" else None, shape, flat=False
     )
@@ -502,8 +500,12 @@ def _tensor_from_list(
         array = np.array(data)
     except (TypeError, ValueError, OverflowError):
         array = None  # ragged, or deeper than numpy goes: read_numbers says where
-    if array is not None and array.dtype.kind in "iufb" and (not flat or array.ndim == 1):
-        return _from_array(array, loc, dtype)
+    if array is not None and (not flat or array.ndim == 1):
+        kind = array.dtype.kind
+        if kind == "f" and dtype in _NUMPY_CASTS:  # the common case, in one step
+            return torch.from_numpy(_narrow(array, _NUMPY_CASTS[dtype]))
+        if kind in "iufb":
+            return _from_array(array, loc, dtype)
     try:
         numbers = read_numbers(data, shape)
     except ArrayError as exc:
