@@ -7,9 +7,10 @@ v2 JSON), through a transport that keeps what is written, one request at a
 time with an event-loop step between them as a server has. valgrind counts
 the instructions of a run of N requests and of a run of none (after the same
 warm-up); the difference over N is the count per request, the log lines and
-metrics included. The hash seed is fixed and the log is flushed every 50
-requests, not by its timer: work driven by the clock or by a random seed
-otherwise moved the count by up to 30k per request between runs.
+metrics included. The hash seed is fixed, numpy's BLAS has no threads of its
+own, and the log is flushed every 50 requests, not by its timer: work driven
+by the clock, a random seed or idle threads otherwise moved the count by up
+to 30k per request between runs.
 
     .venv/bin/python -m bench.instructions [floor v1 v2json] [--requests 1000]
 
@@ -159,7 +160,10 @@ def count(target: str, requests: int) -> int:
             ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
              f"--log-file={log}", sys.executable, "-m", "bench.instructions", "--child", target,
              "--requests", str(requests)],
-            env={**os.environ, "PYTHONHASHSEED": "0", "LOSS_SERVICE_LOG_LEVEL": "info"},
+            # numpy's OpenBLAS threads poll while idle, and valgrind counted
+            # up to 10k instructions per request of that polling: one thread
+            env={**os.environ, "PYTHONHASHSEED": "0", "LOSS_SERVICE_LOG_LEVEL": "info",
+                 "OPENBLAS_NUM_THREADS": "1"},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
         )  # fmt: skip
         found = re.search(r"I\s+refs:\s+([\d,]+)", log.read_text())
