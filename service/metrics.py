@@ -118,11 +118,15 @@ class RequestStats(Collector):
         """One finished request; route and loss are bounded (route templates,
         known losses), so are status and method (the HTTP methods a route
         takes, or GRPC), so the series stay few."""
+        self.series_for(method, route, loss, status).observe(seconds)
+
+    def series_for(self, method: str, route: str, loss: str, status: int) -> Series:
+        """The series of (method, route, loss, status), made at its first request."""
         key = (method, route, loss, status)
         series = self.series.get(key)
         if series is None:
             series = self.series[key] = Series()
-        series.observe(seconds)
+        return series
 
     def collect(self) -> Iterator[Metric]:
         labels = ["method", "route", "loss", "status"]
@@ -218,6 +222,22 @@ class ModelCounters:
         self.input_ns = self.infer_ns = self.output_ns = 0
         self.last_inference = 0
 
+    def record(self, status: int, seconds: float, timings: Timed | None, now: float) -> None:
+        """One finished inference; ``timings`` (the request's ``Timings``)
+        splits a success into input, inference and output time."""
+        ns = int(seconds * 1e9)
+        if status != 200:
+            self.fail_count += 1
+            self.fail_ns += ns
+            return
+        self.success_count += 1
+        self.success_ns += ns
+        self.last_inference = int(now * 1000)
+        if timings is not None:
+            self.input_ns += int(timings.decode * 1e9)
+            self.infer_ns += int(timings.compute * 1e9)
+            self.output_ns += int(timings.encode * 1e9)
+
 
 class ModelStats:
     """Inference statistics by model (loss), whatever the front door (v1,
@@ -231,20 +251,11 @@ class ModelStats:
     def record(
         self, loss: str, status: int, seconds: float, timings: Timed | None, now: float
     ) -> None:
-        """One finished inference; ``timings`` (the request's ``Timings``)
-        splits a success into input, inference and output time."""
+        """One finished inference of ``loss``."""
+        self.counters_for(loss).record(status, seconds, timings, now)
+
+    def counters_for(self, loss: str) -> ModelCounters:
         counters = self.models.get(loss)
         if counters is None:
             counters = self.models[loss] = ModelCounters()
-        ns = int(seconds * 1e9)
-        if status != 200:
-            counters.fail_count += 1
-            counters.fail_ns += ns
-            return
-        counters.success_count += 1
-        counters.success_ns += ns
-        counters.last_inference = int(now * 1000)
-        if timings is not None:
-            counters.input_ns += int(timings.decode * 1e9)
-            counters.infer_ns += int(timings.compute * 1e9)
-            counters.output_ns += int(timings.encode * 1e9)
+        return counters

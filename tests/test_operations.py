@@ -368,3 +368,23 @@ def test_text_log_lines_share_the_access_logs_timestamp_style() -> None:
     access = AccessLog("text").line({"method": "GET", "loss": None}, 1700000000.25).decode()
     assert iso.match(access) and access.startswith("2023-11-14T22:13:20.250Z ")
     assert "loss=" not in access
+
+
+def test_what_a_client_names_does_not_grow_the_record_memo(client: TestClient) -> None:
+    records = client.app.state.direct.records  # type: ignore[attr-defined]
+    route = {"route": "/v1/losses/{name}", "status": "200"}
+    before = sample(client, "loss_service_requests_total", method="POST", loss="mse_loss", **route)
+    for index in range(50):  # unknown losses: 404s, each name its own
+        assert client.post(f"/v1/losses/nope{index}", json={}).status_code == 404
+    body = {"input": [1.0], "target": [0.0]}
+    for name in ("mse_loss", "MSELoss", "mse_LOSS"):  # aliases: one loss, one series
+        assert client.post(f"/v1/losses/{name}", json=body).is_success
+    client.get("/metrics")  # records what is pending
+    assert not any(key[1] and key[1].startswith("nope") for key in records.entries)
+    after = sample(client, "loss_service_requests_total", method="POST", loss="mse_loss", **route)
+    assert after == before + 3
+    unknown = sample(
+        client, "loss_service_requests_total", method="POST", loss="unknown",
+        route="/v1/losses/{name}", status="404",
+    )  # fmt: skip
+    assert unknown >= 50

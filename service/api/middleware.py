@@ -21,7 +21,7 @@ from service.errors import QUOTE_LIMIT, Unauthorized
 from service.limits import remember
 from service.logs import AccessLog
 from service.losses.registry import LOSSES, canonical_name
-from service.metrics import Timed
+from service.metrics import ModelCounters, Series, Timed
 
 REQUEST_ID = b"x-request-id"
 # How long a finished request may wait to be counted and logged (in a batch).
@@ -131,7 +131,7 @@ class HttpRecords(Records):
         self.models = runtime.metrics.models
         # the routes whose requests are inferences (the statistics extension)
         self.inference_routes = frozenset(r.path for r in COMPUTE_ROUTES)
-        self.labels: dict[tuple[str | None, str | None], tuple[str, str, bool]] = {}
+        self.entries: dict[tuple[str | None, str | None, str, int], Entry] = {}
 
     def _record(
         self,
@@ -142,15 +142,18 @@ class HttpRecords(Records):
         duration: float,
         now: float,
     ) -> bytes | None:
-        route, loss, model = self._labels(scope)
         method, status = scope["method"], state["status"]
+        name = scope.get("path_params", _NONE).get("name")
+        key = (getattr(scope.get("route"), "path", None), name, method, status)
+        entry = self.entries.get(key) or self._entry(scope, key)
+        series, counters, route, loss = entry
+        series.observe(duration)
         stats = self.stats
-        stats.record(method if method in METHOD_LABELS else "other", route, loss, status, duration)
         stats.body_in += state["in"]
         stats.body_out += state["out"]
         timings: Timed | None = scope["state"].get("loss_stats")
-        if model:
-            self.models.record(loss, status, duration, timings, now)
+        if counters is not None:
+            counters.record(status, duration, timings, now)
         if timings is not None:
             stats.tensor_in += timings.tensor_bytes_in
             stats.tensor_out += timings.tensor_bytes_out
@@ -169,24 +172,28 @@ class HttpRecords(Records):
         labels = (method, route, loss or None, status, device)
         return access_log.request(request_id, labels, duration, state["in"], state["out"], now)
 
-    def _labels(self, scope: Scope) -> tuple[str, str, bool]:
-        """The route template, the canonical loss name, and whether the
-        request is an inference (the statistics extension), remembered by
-        route and path parameter (a known loss's, or none)."""
-        route = scope.get("route")
-        name = scope.get("path_params", _NONE).get("name")
-        key = (getattr(route, "path", None), name)
-        found = self.labels.get(key)
-        if found is None:
-            path, loss = _labels(scope)
-            found = (path, loss, path in self.inference_routes and loss in LOSSES)
-            if name is None or loss in LOSSES:  # bounded: a client chooses the name
-                remember(self.labels, key, found, LABELS_KEPT)
-        return found
+    def _entry(self, scope: Scope, key: tuple[str | None, str | None, str, int]) -> Entry:
+        """What a request of this route, path parameter, method and status
+        is recorded under: its latency series, its loss's inference counters
+        (an inference route), the route template and the canonical loss name;
+        remembered when its name is a known loss's or absent (a client
+        chooses the name)."""
+        route, loss = _labels(scope)
+        _, name, method, status = key
+        series = self.stats.series_for(
+            method if method in METHOD_LABELS else "other", route, loss, status
+        )
+        model = route in self.inference_routes and loss in LOSSES
+        entry = (series, self.models.counters_for(loss) if model else None, route, loss)
+        if name is None or loss in LOSSES:
+            remember(self.entries, key, entry, ENTRIES_KEPT)
+        return entry
 
 
+# a request's series, inference counters (or None), route template and loss
+Entry = tuple[Series, ModelCounters | None, str, str]
 _NONE: dict[str, str] = {}
-LABELS_KEPT = 1024
+ENTRIES_KEPT = 1024
 
 
 class ObservabilityMiddleware:
