@@ -732,13 +732,13 @@ def write(text: str, started_at: datetime) -> list[Path]:
 
 def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
-    parser.add_argument("--duration", type=float, default=12, help="wrk seconds at c16 (12)")
-    parser.add_argument("--c1-duration", type=float, default=6, help="wrk seconds at c1 (6)")
+    parser.add_argument("--duration", type=float, default=24, help="wrk seconds at c16 (24)")
+    parser.add_argument("--c1-duration", type=float, default=12, help="wrk seconds at c1 (12)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (16)")
     parser.add_argument("--repeats", type=int, default=5, help="large requests timed (5)")
     parser.add_argument("--naive-repeats", type=int, default=3, help="for the naive app (3)")
     parser.add_argument(
-        "--rounds", type=int, default=6, help="wrk rounds per server, taken in turn (6)"
+        "--rounds", type=int, default=12, help="wrk rounds per server, taken in turn (12)"
     )
     parser.add_argument(
         "--no-write", action="store_true", help="print only; leave bench/results/ alone"
