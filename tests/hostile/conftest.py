@@ -154,7 +154,14 @@ class Limited:
                 [sys.executable, "-m", "tests.hostile.monitor", self.url, out.name],
                 cwd=ROOT,
             )
-            time.sleep(0.5)  # the probe's first answers come before the attack
+            # the probe's first answer comes before the attack: on a busy
+            # machine its start-up alone took longer than a fixed half second,
+            # and a quick attack was over before it probed once
+            ready, deadline = Path(f"{out.name}.ready"), time.monotonic() + 60
+            while not ready.exists() and monitor.poll() is None:
+                assert time.monotonic() < deadline, f"{name}: the /healthz probe never started"
+                time.sleep(0.05)
+            ready.unlink(missing_ok=True)
             seen: list[int] = []
             try:
                 yield seen.append

@@ -1,5 +1,6 @@
 """``python -m tests.hostile.monitor URL OUT``: ask URL/healthz every 10 ms
-until SIGTERM, then write each answer's status and latency to OUT (JSON).
+until SIGTERM, then write each answer's status and latency to OUT (JSON);
+OUT.ready appears once the first probe has its answer.
 
 A process of its own, so that neither the attack's threads nor pytest's GIL
 delay the probe: what it measures is the server."""
@@ -38,6 +39,9 @@ def main(url: str, out: str) -> None:
             except httpx.HTTPError:
                 status = 0
             samples.append((status, time.perf_counter() - start))
+            if len(samples) == 1:  # the attack starts once the probe is answered
+                with open(f"{out}.ready", "w"):
+                    pass
             time.sleep(INTERVAL)
     with open(out, "w") as f:
         json.dump(samples, f)
