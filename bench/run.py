@@ -483,8 +483,8 @@ def round_ratio(res: Results, row: str, base: str) -> float:
 
 def cpu_per_request(res: Results, row: str) -> float:
     """The server's CPU microseconds per request at c16, the median over
-    rounds: what a request costs the server whatever else the shared machine
-    does (host contention lengthens wall time, not this)."""
+    rounds. The pinned server is busy the whole round, so host contention
+    moves it as it moves req/s."""
     return statistics.median(seconds / run.requests * 1e6 for run, seconds in res.small_rounds[row])
 
 

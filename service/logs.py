@@ -52,20 +52,27 @@ class AccessLog:
         bytes_in: int,
         bytes_out: int,
         now: float,
+        path: str | None = None,
     ) -> bytes:
-        """The line of one request without a path field: ``line`` with the
-        fields ``request_id``, then ``labels`` (method, route, loss, status,
-        device), the duration in ms and the bytes in and out, byte for byte.
-        The labels' JSON is written once (they are few: the caller passes
-        bounded ones); a line costs about a third of ``line``'s."""
-        parts = (self._parts.get(labels) or self._learn(labels)) if self.json else None
+        """The line of one request: ``line`` with the fields ``request_id``,
+        then ``labels`` (method, route, loss, status, device), the duration in
+        ms, the bytes in and out, and the path when given, byte for byte.
+        Without a path the labels' JSON is written once (they are few: the
+        caller passes bounded ones), and a line costs about a third of
+        ``line``'s."""
+        parts = (
+            (self._parts.get(labels) or self._learn(labels)) if self.json and path is None else None
+        )
         if parts is None or not (request_id.isalnum() or PLAIN_ID.fullmatch(request_id)):
             method, route, loss, status, device = labels
-            return self.line({
+            fields = {
                 "request_id": request_id.decode(), "method": method, "route": route,
                 "loss": loss, "status": status, "duration_ms": round(duration * 1000, 3),
                 "bytes_in": bytes_in, "bytes_out": bytes_out, "device": device,
-            }, now)  # fmt: skip
+            }  # fmt: skip
+            if path is not None:
+                fields["path"] = path
+            return self.line(fields, now)
         middle, last = parts
         second = int(now)
         millisecond = (second, int((now - second) * 1000))  # as _stamp reads it

@@ -500,12 +500,8 @@ def _tensor_from_list(
         array = np.array(data)
     except (TypeError, ValueError, OverflowError):
         array = None  # ragged, or deeper than numpy goes: read_numbers says where
-    if array is not None and (not flat or array.ndim == 1):
-        kind = array.dtype.kind
-        if kind == "f" and dtype in _NUMPY_CASTS:  # the common case, in one step
-            return torch.from_numpy(_narrow(array, _NUMPY_CASTS[dtype]))
-        if kind in "iufb":
-            return _from_array(array, loc, dtype)
+    if array is not None and array.dtype.kind in "iufb" and (not flat or array.ndim == 1):
+        return _from_array(array, loc, dtype)
     try:
         numbers = read_numbers(data, shape)
     except ArrayError as exc:
@@ -522,6 +518,8 @@ def _from_array(
     would round differently beyond 2**53). With no dtype, integers stay int64
     and anything else is float64."""
     kind = array.dtype.kind
+    if kind == "f" and dtype in _NUMPY_CASTS:  # the common case first, in one step
+        return torch.from_numpy(_narrow(array, _NUMPY_CASTS[dtype]))
     float_dtype = dtype is not None and dtype.is_floating_point
     if kind in "ub" or (float_dtype and kind == "i" and not _exact_in_double(array)):
         array = array.astype(np.float64)  # past int64, booleans, or integers past 2**53

@@ -34,16 +34,19 @@ requests = st.tuples(
         st.floats(min_value=1.7e9, max_value=1.7e9 + 0.01),
         st.floats(min_value=0, max_value=4e9),
     ),
+    st.one_of(st.none(), st.text(max_size=30)),  # a path, where the log names it
 )
 
 
 def general(log: AccessLog, request: tuple) -> bytes:  # type: ignore[type-arg]
-    request_id, (method, route, loss, status, device), duration, in_, out, now = request
+    request_id, (method, route, loss, status, device), duration, in_, out, now, path = request
     fields = {
         "request_id": request_id, "method": method, "route": route, "loss": loss,
         "status": status, "duration_ms": round(duration * 1000, 3), "bytes_in": in_,
         "bytes_out": out, "device": device,
     }  # fmt: skip
+    if path is not None:
+        fields["path"] = path
     return log.line(fields, now)
 
 
@@ -52,8 +55,8 @@ def general(log: AccessLog, request: tuple) -> bytes:  # type: ignore[type-arg]
 def test_the_request_line_is_the_general_line(batch: list, fmt: str) -> None:  # type: ignore[type-arg]
     fast, slow = AccessLog(fmt, print), AccessLog(fmt, print)
     for request in batch:
-        request_id, labels_, duration, in_, out, now = request
-        line = fast.request(request_id.encode(), labels_, duration, in_, out, now)
+        request_id, labels_, duration, in_, out, now, path = request
+        line = fast.request(request_id.encode(), labels_, duration, in_, out, now, path)
         assert line == general(slow, request)
         if fmt == "json":
             assert json.loads(line)["request_id"] == request_id

@@ -160,17 +160,14 @@ class HttpRecords(Records):
         if access_log is None:
             return None
         device = timings.device if timings is not None else None
-        if route == "unmatched" or status in LOGGED_PATH_STATUSES:
-            # the route template says nothing here; the path, bounded (a
-            # client chooses it) and quoted by the log format
-            return access_log.line({
-                "request_id": request_id.decode(), "method": method, "route": route,
-                "loss": loss or None, "status": status, "duration_ms": round(duration * 1000, 3),
-                "bytes_in": state["in"], "bytes_out": state["out"], "device": device,
-                "path": quote_path(scope),
-            }, now)  # fmt: skip
+        # where the route template says nothing, the path: bounded (a client
+        # chooses it) and quoted by the log format
+        named = route == "unmatched" or status in LOGGED_PATH_STATUSES
         labels = (method, route, loss or None, status, device)
-        return access_log.request(request_id, labels, duration, state["in"], state["out"], now)
+        return access_log.request(
+            request_id, labels, duration, state["in"], state["out"], now,
+            quote_path(scope) if named else None,
+        )  # fmt: skip
 
     def _entry(self, scope: Scope, key: tuple[str | None, str | None, str, int]) -> Entry:
         """What a request of this route, path parameter, method and status
