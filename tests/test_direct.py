@@ -291,6 +291,44 @@ def test_pipelined_requests_are_answered_in_order(live_server: str) -> None:
         conn.close()
 
 
+def test_a_read_of_many_pipelined_requests_is_answered_whole_and_in_order(
+    live_server: str,
+) -> None:
+    # several PARSE_STEPs of requests in one write: parsed in steps across
+    # turns of the event loop, with a body of its own (larger than a step,
+    # crossing step boundaries) and chunked requests among them
+    from service.api.connections import PARSE_STEP
+
+    conn = Connection(live_server)
+    try:
+        wide = [[float(j % 7) for j in range(2000)]]  # ~10 KB of JSON per row
+        large = json.dumps({"input": wide * 4, "target": [1, 2, 3, 4]}).encode()
+        assert len(large) > PARSE_STEP
+        sent: list[bytes] = []
+        expected: list[float] = []
+        for i in range(400):
+            logits = [[float(i % 13), 0.5, -1.0]]
+            body = json.dumps({"input": logits, "target": [i % 3]}).encode()
+            sent.append(chunked(CE, body) if i % 50 == 7 else request(CE, body))
+            value = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor([i % 3]))
+            expected.append(value.item())
+            if i in (120, 121, 300):
+                sent.append(request(CE, large))
+                big = torch.nn.functional.cross_entropy(
+                    torch.tensor(wide * 4), torch.tensor([1, 2, 3, 4])
+                )
+                expected.append(big.item())
+        data = b"".join(sent)
+        assert len(data) > 4 * PARSE_STEP
+        conn.send(data)
+        for value in expected:
+            response = conn.read()
+            assert response.status == 200
+            assert json.loads(response.body)["value"] == value
+    finally:
+        conn.close()
+
+
 def test_a_body_in_two_pieces_is_served_by_the_application(live_server: str) -> None:
     conn = Connection(live_server)
     try:
@@ -476,6 +514,84 @@ def test_a_failure_in_the_direct_answer_leaves_the_request_to_the_application(
         head, _, body = raw.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ")
         assert json.loads(body)["value"] == expected_ce()
+        protocol.connection_lost(None)
+    finally:
+        loop.close()
+
+
+class PausingTransport(FakeTransport):
+    """A FakeTransport that remembers whether reading is paused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+def test_a_pipelined_flood_waits_unparsed_while_the_queue_is_full() -> None:
+    # 3,000 small requests in one read: at most PIPELINE_DEPTH request cycles
+    # (plus one step's worth) wait at any moment, reading stays paused while
+    # bytes wait, no header deadline runs on bytes the client has sent, and
+    # every request gets its answer, in order
+    import asyncio
+
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from service.api.connections import PARSE_STEP, PIPELINE_DEPTH, GuardedHttpToolsProtocol
+    from service.config import Settings
+    from service.main import create_app
+
+    app = create_app(Settings(device="cpu", log_level="warning", grpc_port=0))
+    loop = asyncio.new_event_loop()
+    count = 3000
+    inputs = [[[float(i % 13), 0.5, -1.0]] for i in range(count)]
+    sent = [
+        request(CE, json.dumps({"input": x, "target": [i % 3]}).encode())
+        for i, x in enumerate(inputs)
+    ]
+    expected = [
+        torch.nn.functional.cross_entropy(torch.tensor(x), torch.tensor([i % 3])).item()
+        for i, x in enumerate(inputs)
+    ]
+    try:
+        config = Config(app=app, lifespan="off", proxy_headers=False, log_config=None)
+        protocol = GuardedHttpToolsProtocol(
+            config=config, server_state=ServerState(), app_state={}, _loop=loop
+        )
+        transport = PausingTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(b"".join(sent))
+        deepest = len(protocol.pipeline)
+        assert protocol.unparsed and transport.paused
+
+        async def answered() -> None:
+            nonlocal deepest
+            seen, answers = 0, 0
+            while answers < count:
+                answers += sum(w.count(b"HTTP/1.1 200 ") for w in transport.written[seen:])
+                seen = len(transport.written)
+                deepest = max(deepest, len(protocol.pipeline))
+                if protocol.unparsed:
+                    assert transport.paused
+                    if not protocol.pipeline and not protocol.step_due:
+                        raise AssertionError("bytes wait with nothing to wake them")
+                    assert protocol.headers_due is None or protocol.step_due
+                await asyncio.sleep(0)
+
+        loop.run_until_complete(asyncio.wait_for(answered(), 120))
+        assert deepest <= PIPELINE_DEPTH + PARSE_STEP // min(map(len, sent)) + 1, deepest
+        assert not protocol.unparsed and not transport.paused
+        raw = b"".join(transport.written)
+        bodies = [json.loads(part.partition(b"\r\n\r\n")[2] or b"{}") for part in
+                  raw.split(b"HTTP/1.1 ")[1:]]  # fmt: skip
+        assert len(bodies) == count
+        assert [body["value"] for body in bodies] == expected
         protocol.connection_lost(None)
     finally:
         loop.close()
