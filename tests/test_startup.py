@@ -173,3 +173,71 @@ def test_several_workers_share_the_cpus_among_their_torch_threads() -> None:
     assert torch_threads(Settings(workers=2)) == max(1, cpus // 2)
     assert torch_threads(Settings(workers=4 * cpus)) == 1
     assert torch_threads(Settings(workers=2, torch_threads=3)) == 3
+
+
+def test_the_event_loop_computes_on_one_torch_thread_and_the_pool_on_its_own() -> None:
+    """The event loop computes only small work, on one torch thread; threads
+    that start later (the worker pool's) take LOSS_SERVICE_TORCH_THREADS, or
+    torch's own count. In a fresh interpreter: the count is per thread."""
+    code = (
+        "import json, threading, torch\n"
+        "from service.config import Settings\n"
+        "from service.main import split_torch_threads\n"
+        "default = torch.get_num_threads()\n"
+        "out = {'default': default}\n"
+        "for setting in (0, 3):\n"
+        "    returned = split_torch_threads(Settings(torch_threads=setting))\n"
+        "    seen = {}\n"
+        "    t = threading.Thread(target=lambda: seen.update(n=torch.get_num_threads()))\n"
+        "    t.start(); t.join()\n"
+        "    out[setting] = [returned, torch.get_num_threads(), seen['n']]\n"
+        "print(json.dumps(out))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    default = out["default"]
+    # (what it returns, this thread's count, a later thread's count)
+    assert out["0"] == [default, 1, default]
+    assert out["3"] == [3, 1, 3]
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of a process, by thread id."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    times: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with open(task / "stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        times[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return times
+
+
+def test_small_requests_keep_the_other_cores_idle() -> None:
+    """One worker serving small cross_entropy requests one at a time: with
+    torch's default thread count on the event loop, each entered an OpenMP
+    parallel region and the pool's threads spun between requests, a second
+    core 92% busy on a 2-core machine. The server's other threads now use a
+    small fraction of what its event loop does."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: torch's default is one thread, and no pool could spin")
+    proc, url = start_server({"LOSS_SERVICE_DEVICE": "cpu", "LOSS_SERVICE_LOG_LEVEL": "warning"})
+    try:
+        body = {"input": [[0.5 * j - i for j in range(10)] for i in range(8)],
+                "target": [i % 10 for i in range(8)]}  # fmt: skip
+        with httpx.Client(base_url=url, timeout=10) as client:
+            for _ in range(200):  # warm
+                client.post("/v1/losses/cross_entropy", json=body)
+            before = thread_cpu(proc.pid)
+            for _ in range(3000):
+                assert client.post("/v1/losses/cross_entropy", json=body).status_code == 200
+            after = thread_cpu(proc.pid)
+    finally:
+        stop_server(proc)
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    loop = spent.pop(proc.pid)  # uvicorn's event loop runs on the main thread
+    others = sum(spent.values())
+    assert loop > 0.2, spent
+    assert others < 0.2 * loop, f"other threads {others:.2f} s against the loop's {loop:.2f} s"
