@@ -106,8 +106,11 @@ class Records:
 
     def add(self, *item: Any) -> None:
         self.pending.append(item)
-        loop = asyncio.get_running_loop()
-        if self.flush_on is not loop:  # none due, or due on a loop that is gone
+        due = self.flush_on
+        # requests finish on the loop that runs (Python 3.11's
+        # get_running_loop makes a getpid system call: not per request)
+        if due is None or not due.is_running():  # none due, or due on a loop that stopped
+            loop = asyncio.get_running_loop()
             loop.call_later(RECORD_DELAY, self.flush)
             self.flush_on = loop
 
