@@ -6,6 +6,7 @@ or a 4xx/503, and the server lives."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,7 +17,8 @@ from hypothesis import strategies as st
 
 from tests.hostile.conftest import Limited
 
-ELEMENTWISE = {
+# the losses fuzzed, each called as fn(input, target, reduction=...)
+ELEMENTWISE: dict[str, Callable[..., torch.Tensor]] = {
     "mse_loss": F.mse_loss,
     "l1_loss": F.l1_loss,
     "smooth_l1_loss": F.smooth_l1_loss,
