@@ -57,6 +57,9 @@ NO_NATIVE_TELEMETRY: dict[str, Any] = (
 
 
 GIL_SWITCH_INTERVAL = 0.001
+# torch's own intra-op thread count, read before anything here changes it
+# (a second app in the same process must not take the event loop's one)
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 
 def split_torch_threads(settings: Settings) -> int:
@@ -71,7 +74,7 @@ def split_torch_threads(settings: Settings) -> int:
     one worker serving small requests one at a time kept a second core 92%
     busy. torch's thread count is per thread under OpenMP: a thread takes the
     process-wide value when it first uses torch's pool, and keeps its own."""
-    pool = torch_threads(settings) or torch.get_num_threads()
+    pool = torch_threads(settings) or TORCH_DEFAULT_THREADS
     torch.get_num_threads()  # this thread's count is its own from here on
     torch.set_num_threads(1)
     # the process-wide value back to the pool's, from a thread of its own so
