@@ -476,33 +476,41 @@ class FakeTransport:
     def resume_reading(self) -> None: ...
 
 
+def connected(loop: Any, transport: FakeTransport) -> Any:
+    """The service's connection protocol on ``loop`` for a new app, without a
+    socket: what it writes goes to ``transport``."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from service.api.connections import GuardedHttpToolsProtocol
+    from service.config import Settings
+    from service.main import create_app
+
+    app = create_app(Settings(device="cpu", log_level="warning", grpc_port=0))
+    config = Config(app=app, lifespan="off", proxy_headers=False, log_config=None)
+    protocol = GuardedHttpToolsProtocol(
+        config=config, server_state=ServerState(), app_state={}, _loop=loop
+    )
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    return protocol
+
+
 def test_a_failure_in_the_direct_answer_leaves_the_request_to_the_application(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import asyncio
 
-    from uvicorn.config import Config
-    from uvicorn.server import ServerState
-
-    from service.api.connections import GuardedHttpToolsProtocol
     from service.api.direct import DirectServer
-    from service.config import Settings
-    from service.main import create_app
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("a bug in the direct path")
 
     monkeypatch.setattr(DirectServer, "answer", broken)
-    app = create_app(Settings(device="cpu", log_level="warning", grpc_port=0))
     loop = asyncio.new_event_loop()
     try:
-        config = Config(app=app, lifespan="off", proxy_headers=False, log_config=None)
-        protocol = GuardedHttpToolsProtocol(
-            config=config, server_state=ServerState(), app_state={}, _loop=loop
-        )
-        assert protocol.direct is not None
         transport = FakeTransport()
-        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol = connected(loop, transport)
+        assert protocol.direct is not None
         protocol.data_received(request(CE, SMALL))
 
         async def answered() -> bytes:
@@ -540,14 +548,8 @@ def test_a_pipelined_flood_waits_unparsed_while_the_queue_is_full() -> None:
     # every request gets its answer, in order
     import asyncio
 
-    from uvicorn.config import Config
-    from uvicorn.server import ServerState
+    from service.api.connections import PARSE_STEP, PIPELINE_DEPTH
 
-    from service.api.connections import PARSE_STEP, PIPELINE_DEPTH, GuardedHttpToolsProtocol
-    from service.config import Settings
-    from service.main import create_app
-
-    app = create_app(Settings(device="cpu", log_level="warning", grpc_port=0))
     loop = asyncio.new_event_loop()
     count = 3000
     inputs = [[[float(i % 13), 0.5, -1.0]] for i in range(count)]
@@ -560,12 +562,8 @@ def test_a_pipelined_flood_waits_unparsed_while_the_queue_is_full() -> None:
         for i, x in enumerate(inputs)
     ]
     try:
-        config = Config(app=app, lifespan="off", proxy_headers=False, log_config=None)
-        protocol = GuardedHttpToolsProtocol(
-            config=config, server_state=ServerState(), app_state={}, _loop=loop
-        )
         transport = PausingTransport()
-        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol = connected(loop, transport)
         protocol.data_received(b"".join(sent))
         deepest = len(protocol.pipeline)
         assert protocol.unparsed and transport.paused

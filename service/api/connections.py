@@ -50,9 +50,9 @@ from service.config import settings
 log = logging.getLogger("service.errors")
 
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
-# Requests of one read answered directly at most: the rest of a pipelined read
-# goes to the application, whose tasks take turns with every other connection
-# (a read of 256 KiB can hold thousands of small requests).
+# Requests of one read (one parse step) answered directly at most: the rest of
+# a pipelined read goes to the application, whose tasks take turns with every
+# other connection (a read of 256 KiB can hold thousands of small requests).
 DIRECT_PER_READ = 4
 # The most bytes of requests' heads and small bodies parsed in one event-loop
 # step: uvloop hands over up to 256 KiB at once, and a read holding a whole
@@ -275,16 +275,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         self.flow.resume_reading()
-        if self.unparsed:  # no more reads until what came is parsed
-            self.transport.pause_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
         elif not self.unparsed:
             self.idle_due = self.loop.time() + self.timeout_keep_alive
-        if self.unparsed and not self.step_due and len(self.pipeline) < PIPELINE_DEPTH:
-            self.step_due = True  # room in the queue: the next step of the read
-            self.loop.call_soon(self._parse_next)
+        # bytes of a read still wait: reading stays paused, and their next
+        # step comes now that the queue has room
+        self._next_step()
 
     def shutdown(self) -> None:
         cycle = self.cycle
