@@ -41,9 +41,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0,
         ge=0,
-        description="torch.set_num_threads for each worker's thread pool (large work); 0: "
-        "torch's own with one worker, the CPUs this process may use divided among "
-        "LOSS_SERVICE_WORKERS with more. The event loop computes small work on one thread",
+        description="torch.set_num_threads per worker; 0: torch's own with one worker, the "
+        "CPUs this process may use divided among LOSS_SERVICE_WORKERS with more",
     )
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_tensor_elements: int = Field(2**26, ge=1, description="Per request, all tensors")

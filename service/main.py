@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import inspect
 import sys
-import threading
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -57,32 +56,6 @@ NO_NATIVE_TELEMETRY: dict[str, Any] = (
 
 
 GIL_SWITCH_INTERVAL = 0.001
-# torch's own intra-op thread count, read before anything here changes it
-# (a second app in the same process must not take the event loop's one)
-TORCH_DEFAULT_THREADS = torch.get_num_threads()
-
-
-def split_torch_threads(settings: Settings) -> int:
-    """torch's intra-op threads: one for the calling thread (the event loop,
-    which computes only small work), the setting's (``torch_threads``, else
-    torch's own) for threads that start later (the worker pool's, which
-    compute everything else); returns the pool's.
-
-    With torch's default on the event loop, a small cross_entropy entered an
-    OpenMP parallel region (``log_softmax`` on [8, 10]), slower than one
-    thread, and the pool's other threads then spun waiting for more work:
-    one worker serving small requests one at a time kept a second core 92%
-    busy. torch's thread count is per thread under OpenMP: a thread takes the
-    process-wide value when it first uses torch's pool, and keeps its own."""
-    pool = torch_threads(settings) or TORCH_DEFAULT_THREADS
-    torch.get_num_threads()  # this thread's count is its own from here on
-    torch.set_num_threads(1)
-    # the process-wide value back to the pool's, from a thread of its own so
-    # that this thread keeps one
-    helper = threading.Thread(target=torch.set_num_threads, args=(pool,))
-    helper.start()
-    helper.join()
-    return pool
 
 
 def warm_up() -> None:
@@ -111,7 +84,9 @@ def create_app(settings: Settings | None = None, *, fast_dispatch: bool = True) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        split_torch_threads(settings)
+        threads = torch_threads(settings)
+        if threads:
+            torch.set_num_threads(threads)
         keep_freed_memory(runtime.malloc_keep_bytes)
         # Decoding holds the GIL in the worker threads; with the default 5 ms
         # switch interval the event loop waited up to 5 ms for it at each of
