@@ -351,7 +351,9 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     bind_port = port if port is not None else settings.port
     n_workers = workers or settings.workers
     common: dict[str, Any] = {
-        "host": bind_host, "port": bind_port, "log_config": None, "access_log": False,
+        "host": bind_host, "port": bind_port, "access_log": False,
+        # applied again by each worker process (it starts with Python's defaults)
+        "log_config": logs.dict_config(settings.log_level, settings.log_format),
         "timeout_graceful_shutdown": settings.compute_timeout,
         # nothing reads the client's address: no X-Forwarded-* rewrite per request
         "proxy_headers": False,

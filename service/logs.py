@@ -4,6 +4,7 @@ the same formats for the service's and uvicorn's own log records."""
 from __future__ import annotations
 
 import logging
+import logging.config
 import os
 import re
 import sys
@@ -183,13 +184,35 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+# The loggers whose records go through the service's formatter on stderr.
+SERVICE_LOGGERS = ("loss_service", "service", "uvicorn", "uvicorn.error")
+
+
+def dict_config(level: str, fmt: str) -> dict[str, Any]:
+    """The service's and uvicorn's log records through one formatter on
+    stderr, as a ``logging.config.dictConfig`` dict: what ``configure``
+    applies here, and what uvicorn applies in each worker process it spawns
+    (``LOSS_SERVICE_WORKERS`` > 1), which starts with Python's defaults."""
+    formatter = "JSONFormatter" if fmt == "json" else "TextFormatter"
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"service": {"()": f"service.logs.{formatter}"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "service",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "loggers": {
+            name: {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
+            for name in SERVICE_LOGGERS
+        },
+    }
+
+
 def configure(level: str, fmt: str) -> None:
     """Route the service's and uvicorn's logs through one formatter on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
-    for name in ("loss_service", "service", "uvicorn", "uvicorn.error"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(level.upper())
-        logger.propagate = False
+    logging.config.dictConfig(dict_config(level, fmt))
     logging.getLogger("uvicorn.access").disabled = True  # AccessLog replaces it

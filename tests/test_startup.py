@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -173,3 +175,40 @@ def test_several_workers_share_the_cpus_among_their_torch_threads() -> None:
     assert torch_threads(Settings(workers=2)) == max(1, cpus // 2)
     assert torch_threads(Settings(workers=4 * cpus)) == 1
     assert torch_threads(Settings(workers=2, torch_threads=3)) == 3
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_each_worker_logs_in_the_service_format(fmt: str) -> None:
+    """With LOSS_SERVICE_WORKERS > 1 uvicorn spawns each worker with Python's
+    default logging: the workers' own lines (started, ready, stopped) were
+    lost, and an error logged in a worker came out as plain text. Each
+    worker now applies the service's log configuration: every line is in
+    the chosen format, and each worker says when it is ready and when it
+    stops."""
+    proc, url = start_server(
+        {"LOSS_SERVICE_DEVICE": "cpu", "LOSS_SERVICE_WORKERS": "2", "LOSS_SERVICE_LOG_FORMAT": fmt}
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while server_log(proc).count("Application startup complete.") < 2:
+            assert time.monotonic() < deadline, server_log(proc)
+            time.sleep(0.2)
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+        proc.terminate()
+        proc.wait(timeout=30)
+        lines = server_log(proc).splitlines()
+    finally:
+        stop_server(proc)
+    if fmt == "json":
+        records = [json.loads(line) for line in lines]  # every line is JSON
+        assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records), records
+        messages = [(r["logger"], r["msg"]) for r in records]
+    else:
+        stamped = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (INFO|WARNING|ERROR) ")
+        assert all(stamped.match(line) for line in lines), lines
+        messages = [tuple(line.split(" ", 3)[2:4]) for line in lines]
+    workers = {m for _, m in messages if m.startswith("Started server process")}
+    assert len(workers) == 2, messages
+    assert messages.count(("uvicorn.error", "Application startup complete.")) == 2, messages
+    assert len({m for _, m in messages if m.startswith("Finished server process")}) == 2
+    assert any(logger == "loss_service.access" for logger, _ in messages), messages
