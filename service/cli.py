@@ -17,10 +17,8 @@ import shutil
 import socket
 import sys
 import textwrap
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -363,30 +361,22 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     if n_workers > 1:
         # each worker starts on its own, so the line comes before they listen
         log_startup(bind_host, bind_port, n_workers, local_devices(), "starting")
-        # uvicorn's supervisor forwards SIGTERM to each worker, which drains on its own
+        # uvicorn's supervisor forwards SIGTERM to each worker, which drains
+        # as the app's lifespan arranged (service.main.drain_on_sigterm)
         uvicorn.run("service.main:app", workers=n_workers, **common)
         return
 
     from service.main import app
 
-    class DrainingServer(uvicorn.Server):
+    class AnnouncingServer(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if self.started and self.servers and self.servers[0].sockets:
                 bound = self.servers[0].sockets[0].getsockname()[1]  # the real one for port 0
                 log_startup(bind_host, bound, n_workers, app.state.devices, "serving")
 
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            runtime = app.state.runtime
-            delay = settings.shutdown_drain_seconds
-            if runtime.draining or not delay:
-                runtime.draining = True
-                super().handle_exit(sig, frame)
-                return
-            runtime.draining = True
-            threading.Timer(delay, super().handle_exit, (sig, frame)).start()
-
-    DrainingServer(uvicorn.Config(app, **common)).run()
+    # on SIGTERM it drains as the app's lifespan arranged (service.main.drain_on_sigterm)
+    AnnouncingServer(uvicorn.Config(app, **common)).run()
 
 
 def browsable_url(host: str, port: int) -> str:

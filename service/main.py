@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import gc
 import inspect
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 import torch
+import uvicorn
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.middleware.cors import CORSMiddleware
@@ -75,6 +79,33 @@ def warm_up() -> None:
     gc.freeze()
 
 
+def drain_on_sigterm(runtime: Runtime, delay: float) -> None:
+    """Delay the uvicorn server's exit on SIGTERM by ``delay`` seconds, during
+    which /readyz answers 503 and requests are still served; a second SIGTERM
+    (or no delay) exits at once. Installed from the lifespan, so every
+    uvicorn process that runs the app drains: ``loss-service serve``, each
+    of its workers (LOSS_SERVICE_WORKERS > 1: uvicorn's supervisor forwards
+    SIGTERM to each) and ``uvicorn service.main:app``. Nothing is installed
+    where the handler in place is not a uvicorn server's (a test client, a
+    Ray Serve replica): their shutdown is their own."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers belong to the main thread
+    exit_now = signal.getsignal(signal.SIGTERM)
+    server = getattr(exit_now, "__self__", None)
+    if not callable(exit_now) or not isinstance(server, uvicorn.Server):
+        return
+
+    def on_sigterm(sig: int, frame: FrameType | None) -> None:
+        if runtime.draining or not delay:
+            runtime.draining = True
+            exit_now(sig, frame)
+            return
+        runtime.draining = True
+        threading.Timer(delay, exit_now, (sig, frame)).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def create_app(settings: Settings | None = None, *, fast_dispatch: bool = True) -> FastAPI:
     """The application (``fast_dispatch=False``: the compute routes served by
     FastAPI's router instead of the hot-path dispatch, for the test that
@@ -95,6 +126,7 @@ def create_app(settings: Settings | None = None, *, fast_dispatch: bool = True) 
         app.state.devices = available_devices()  # probes CUDA once, at start-up
         warm_up()
         grpc_server = await start_grpc(app, runtime, settings)
+        drain_on_sigterm(runtime, settings.shutdown_drain_seconds)
         yield
         if grpc_server is not None:
             await grpc_server.stop(settings.compute_timeout)

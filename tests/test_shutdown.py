@@ -10,6 +10,7 @@ import json
 import signal
 import socket
 import time
+from datetime import datetime
 from urllib.parse import urlsplit
 
 import httpx
@@ -91,3 +92,41 @@ def test_sigterm_drains_finishes_computations_and_cuts_uploads() -> None:
         assert " 500" not in log and '"status":500' not in log
     finally:
         stop_server(proc)  # also closes its log file when it has exited already
+
+
+def test_each_worker_drains_before_it_stops() -> None:
+    """With LOSS_SERVICE_WORKERS > 1 uvicorn's supervisor forwards SIGTERM to
+    each worker: every worker turns /readyz 503 for the drain period while
+    it still answers, then stops (the drain was the single server's alone
+    before: workers stopped accepting at once)."""
+    drain = 3.0
+    proc, url = start_server({"LOSS_SERVICE_DEVICE": "cpu", "LOSS_SERVICE_WORKERS": "2",
+                              "LOSS_SERVICE_LOG_FORMAT": "json",
+                              "LOSS_SERVICE_SHUTDOWN_DRAIN_SECONDS": str(drain)})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while server_log(proc).count("Application startup complete.") < 2:
+            assert time.monotonic() < deadline, server_log(proc)
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        signalled, signalled_at = time.monotonic(), time.time()
+        time.sleep(0.5)
+        # new connections land on either worker: every one says draining
+        for _ in range(8):
+            with httpx.Client() as fresh:
+                ready = fresh.get(f"{url}/readyz", timeout=5)
+                assert ready.status_code == 503 and ready.json()["status"] == "draining"
+                computed = fresh.post(f"{url}/v1/losses/cross_entropy", content=BODY,
+                                      headers={"Content-Type": "application/json"})  # fmt: skip
+                assert computed.status_code == 200
+        assert time.monotonic() - signalled < drain
+        assert proc.wait(timeout=30) == 0
+        # each worker stopped accepting only after the drain
+        records = [json.loads(line) for line in server_log(proc).splitlines()]
+        stops = [r["ts"] for r in records if r["msg"] == "Shutting down"]
+        assert len(stops) == 2, records
+        for stamp in stops:
+            stopped = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+            assert stopped - signalled_at >= drain - 0.05, (stamp, signalled_at)
+    finally:
+        stop_server(proc)
