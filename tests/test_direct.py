@@ -527,6 +527,39 @@ def test_a_failure_in_the_direct_answer_leaves_the_request_to_the_application(
         loop.close()
 
 
+def test_a_bug_in_the_core_is_a_logged_500_on_the_direct_path(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The direct answer's form of the service's 500 (test_errors.py has the
+    ASGI doors'): answered on the connection, not handed on, and logged."""
+    import asyncio
+
+    import service.compute
+
+    monkeypatch.setattr(service.compute, "run_loss", lambda *a, **k: 1 / 0)
+    loop = asyncio.new_event_loop()
+    try:
+        transport = FakeTransport()
+        protocol = connected(loop, transport)
+
+        async def send() -> None:  # on a running loop, as a server calls it
+            protocol.data_received(request(CE, SMALL))
+
+        with caplog.at_level("ERROR"):
+            loop.run_until_complete(send())
+        assert protocol.direct.records.stats.direct == 1  # answered on the connection
+        head, _, body = b"".join(transport.written).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 500 ")
+        problem = json.loads(body)
+        assert problem["detail"] == "internal error; it has been logged"
+        (logged,) = [r for r in caplog.records if r.name == "service.errors"]
+        assert logged.getMessage() == f"unhandled error on POST {CE}"
+        assert logged.exc_info is not None and logged.exc_info[0] is ZeroDivisionError
+        protocol.connection_lost(None)
+    finally:
+        loop.close()
+
+
 class PausingTransport(FakeTransport):
     """A FakeTransport that remembers whether reading is paused."""
 

@@ -615,3 +615,55 @@ def test_long_names_are_quoted_at_most_200_characters(client: TestClient) -> Non
     response = client.post("/v1/losses/mse_loss", json=body)
     assert response.status_code == 422
     assert "y" * 201 not in response.text and "cpu" in response.json()["detail"]
+
+
+def _broken_loss(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("a bug in the core")
+
+
+@pytest.mark.parametrize("fast_dispatch", [True, False], ids=["hot path", "FastAPI router"])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (CE, GOOD),
+        (
+            "/v2/models/cross_entropy/infer",
+            {
+                "inputs": [
+                    {"name": "input", "shape": [2, 2], "datatype": "FP32", "data": [2, 1, 1, 2]},
+                    {"name": "target", "shape": [2], "datatype": "INT64", "data": [1, 0]},
+                ]
+            },
+        ),
+    ],
+    ids=["v1", "v2"],
+)
+def test_a_bug_is_a_logged_500_in_the_protocol_s_form(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fast_dispatch: bool,
+    path: str,
+    body: dict[str, object],
+) -> None:
+    """An exception no handler expected is the service's bug: a 500 in the
+    route's error form that says it was logged, and the log holds the
+    traceback with the method and path (the same on every door: the
+    connection layer's direct answers are tested in test_direct.py)."""
+    import service.compute
+
+    app = create_app(Settings(device="cpu"), fast_dispatch=fast_dispatch)
+    with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level("ERROR"):
+        # after start-up, which runs every loss's worked example
+        monkeypatch.setattr(service.compute, "run_loss", _broken_loss)
+        response = client.post(path, json=body)
+    assert response.status_code == 500
+    if path.startswith("/v2"):
+        assert response.json() == {"error": "internal error; it has been logged"}
+    else:
+        problem = response.json()
+        assert (problem["status"], problem["title"]) == (500, "Internal Server Error")
+        assert problem["detail"] == "internal error; it has been logged"
+        assert problem["type"].endswith("#internal")
+    (logged,) = [r for r in caplog.records if r.name == "service.errors"]
+    assert logged.getMessage() == f"unhandled error on POST {path}"
+    assert logged.exc_info is not None and "a bug in the core" in str(logged.exc_info[1])

@@ -23,7 +23,6 @@ decodes the body again, which costs little beside such a computation).
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -32,13 +31,11 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from service.api.hotpaths import RouteLabel, match_compute
 from service.api.middleware import REQUEST_ID, HttpRecords, has_key, usable_request_id
-from service.api.problems import error_reply
+from service.api.problems import error_reply, internal_error
 from service.api.routes import ComputeRoute, serve_now
 from service.api.runtime import HEADERS_KEY, RUNTIME_KEY, PiecesResponse, Runtime
 from service.config import Settings
 from service.errors import ServiceError
-
-log = logging.getLogger("service.errors")
 
 Headers = dict[bytes, bytes]
 
@@ -103,8 +100,7 @@ class DirectServer:
         except ServiceError as exc:
             response = error_reply(scope, exc)
         except Exception:
-            log.exception("unhandled error on POST %s", path)
-            response = error_reply(scope, ServiceError("internal error; it has been logged"))
+            response = internal_error(scope)
         if response is None:
             return None
         self.records.stats.direct += 1

@@ -9,19 +9,16 @@ built from too. Every other path goes on to FastAPI.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import v1, v2  # noqa: F401  (they fill the route table)
-from service.api.problems import error_response
+from service.api.problems import error_response, internal_error
 from service.api.routes import COMPUTE_ROUTES, ComputeRoute, serve
 from service.errors import ServiceError
 from service.limits import remember
-
-log = logging.getLogger("service.errors")
 
 
 @dataclass(frozen=True)
@@ -116,6 +113,5 @@ class HotPathDispatch:
         except ServiceError as exc:
             response = error_response(request, exc)
         except Exception:
-            log.exception("unhandled error on POST %s", scope["path"])
-            response = error_response(request, ServiceError("internal error; it has been logged"))
+            response = internal_error(scope)
         await response(scope, receive, send)

@@ -129,6 +129,14 @@ def error_reply(scope: Scope, error: ServiceError) -> Response:
     return Response(content, status_code=error.status, media_type=media_type, headers=headers)
 
 
+def internal_error(scope: Scope) -> Response:
+    """The answer to an exception no handler expected (a bug, never the
+    client's input): logged with its traceback, a 500 that says so. Called
+    from inside the ``except`` that caught it."""
+    log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+    return error_reply(scope, ServiceError("internal error; it has been logged"))
+
+
 # The methods a 405's Allow may name (HEAD comes with every GET route).
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
@@ -183,8 +191,7 @@ def install(app: FastAPI) -> None:
         return error_response(request, _HTTPProblem(exc.status_code, detail, headers))
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request, ServiceError("internal error; it has been logged"))
+        return internal_error(request.scope)
 
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
