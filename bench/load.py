@@ -312,10 +312,17 @@ def median_seconds(
     return statistics.median(times)
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int | str) -> float:
     """The CPU time (user + system) process ``pid`` has used so far."""
+    return proc_stat(pid)[1]
+
+
+def proc_stat(pid: int | str) -> tuple[int, float]:
+    """Process ``pid``'s parent and CPU time (user + system) so far, from
+    ``/proc/<pid>/stat`` (the fields after the command, which may hold any
+    character, ")" included)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def vm_kib(pid: int, field: str) -> int:

@@ -164,17 +164,16 @@ def scaling(logs: Path, started: list[Server]) -> Scaling:
 
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds used so far by ``pid`` and its children (the workers)."""
-    ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            parent, seconds = load.proc_stat(entry.name)
+        except OSError:  # gone meanwhile
             continue
-        if entry.name == str(pid) or fields[1] == str(pid):  # fields[1]: the parent
-            total += (int(fields[11]) + int(fields[12])) / ticks
+        if entry.name == str(pid) or parent == pid:
+            total += seconds
     return total
 
 
