@@ -520,6 +520,8 @@ def _from_array(
     kind = array.dtype.kind
     if kind == "f" and dtype in _NUMPY_CASTS:  # the common case first, in one step
         return torch.from_numpy(_narrow(array, _NUMPY_CASTS[dtype]))
+    if dtype is torch.int64 and array.dtype == np.int64:  # integers asked as they came (OIP INT64)
+        return torch.from_numpy(array)
     float_dtype = dtype is not None and dtype.is_floating_point
     if kind in "ub" or (float_dtype and kind == "i" and not _exact_in_double(array)):
         array = array.astype(np.float64)  # past int64, booleans, or integers past 2**53

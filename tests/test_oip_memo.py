@@ -6,14 +6,19 @@ process, whatever came before it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from service.compute import LossCall
+from service.errors import ServiceError
+from service.losses import resolve
 from service.protocols import oip, oip_json
 
 MEMO = settings(
@@ -167,6 +172,85 @@ def test_a_dimension_of_another_type_is_not_the_remembered_one(
     assert answer(client, body) == fresh
 
 
+def call_fields(call: LossCall) -> str:
+    """Every field of a call, tensors by identity (their == is elementwise),
+    written with each value's type (1, 1.0 and True are equal)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", id(value))
+        if isinstance(value, tuple | list):
+            return type(value)(plain(v) for v in value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return repr({f.name: plain(getattr(call, f.name)) for f in dataclasses.fields(call)})
+
+
+@MEMO
+@given(
+    parameters=PARAMETERS,
+    encoding=st.sampled_from(["flat", "raw"]),
+    binary_output=st.booleans(),
+    grad_output=st.booleans(),
+)
+def test_a_remembered_call_is_the_one_the_general_path_makes(
+    parameters: dict[str, Any], encoding: str, binary_output: bool, grad_output: bool
+) -> None:
+    forget()
+    tensors = {"input": torch.zeros(2, 3), "target": torch.tensor([2, 0])}
+    upstream = torch.ones(()) if grad_output else None
+    spec = resolve("cross_entropy")
+    request = oip.InferRequest(spec, None, tensors, parameters, None, binary_output, upstream)
+    try:
+        general = oip._loss_call(request, encoding)
+    except ServiceError:
+        return  # refused: nothing is remembered
+    first = oip.loss_call(request, encoding)
+    # remembered, unless a value cannot be a key (a list of grad names)
+    assert oip._CALLS or any(type(v) is list for v in parameters.values())
+    again = oip.loss_call(request, encoding)
+    assert call_fields(first) == call_fields(general)
+    assert call_fields(again) == call_fields(general)
+
+
+TARGET = {"name": "target", "shape": [2], "datatype": "INT64", "data": [2, 0]}
+NO_DATA = {"name": "target", "shape": [2], "datatype": "INT64"}
+
+
+@pytest.mark.parametrize(
+    ("remembered", "later"),
+    [
+        # as many fields as the remembered input, one of them unknown
+        ({**TARGET, "parameters": None}, {**TARGET, "extra": None}),
+        ({**TARGET, "parameters": {}}, {**TARGET, "extra": {}}),
+        ({**TARGET, "parameters": None}, {**NO_DATA, "parameters": None, "extra": [2, 0]}),
+        # parameters that say something
+        ({**TARGET, "parameters": {}}, {**TARGET, "parameters": {"binary_data_size": 16}}),
+        # the same fields in another order, or with a parameters that says nothing
+        (TARGET, dict(reversed(TARGET.items()))),
+        (TARGET, {**TARGET, "parameters": None}),
+        ({**TARGET, "parameters": {}}, TARGET),
+    ],
+)
+def test_an_input_with_other_fields_is_not_the_remembered_one(
+    client: TestClient, remembered: dict[str, Any], later: dict[str, Any]
+) -> None:
+    """The memo keys leave out an input's field names (only an input with
+    the plain ones gets a key): a later input with other fields, as many of
+    them, still gets what a fresh process gives it."""
+    body = base()
+    body["inputs"][1] = later
+    fresh = answer(client, body)
+    forget()
+    warm = base()
+    warm["inputs"][1] = remembered
+    assert answer(client, warm)[0] == 200
+    assert oip_json._PLANS  # remembered
+    assert answer(client, body) == fresh
+
+
 def test_a_full_memo_starts_over_and_keeps_serving(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -241,6 +325,8 @@ def _edit(body: dict[str, Any], edit: str, index: int) -> None:
     item = inputs[index % len(inputs)]
     if edit == "extra field":
         item["extra"] = 1
+    elif edit == "parameters renamed":  # as many fields, one of them unknown
+        item["extra"] = item.pop("parameters", None)
     elif edit == "dimension as float":
         item["shape"] = [float(d) for d in item["shape"]]
     elif edit == "dimension as bool":
@@ -275,8 +361,8 @@ def _edit(body: dict[str, Any], edit: str, index: int) -> None:
 
 
 EDITS = st.sampled_from(
-    ["extra field", "dimension as float", "dimension as bool", "another name",
-     "another datatype", "input parameters", "no data", "twice", "one fewer",
+    ["extra field", "parameters renamed", "dimension as float", "dimension as bool",
+     "another name", "another datatype", "input parameters", "no data", "twice", "one fewer",
      "a parameter", "parameter names", "outputs", "non-finite data", "boolean data",
      "one more value", "nested data", "fractional data"]
 )  # fmt: skip

@@ -256,7 +256,8 @@ def infer_work(scope: Scope, body: Body, rt: Runtime, spec: LossSpec) -> Work[Re
         headers.append((HEADER_LENGTH_KEY, b"%d" % length))
         return PiecesResponse(pieces, b"application/octet-stream", headers)
 
-    return Work(prepare, respond, compressed=is_compressed(encoding))
+    # by position: a dataclass made with a keyword costs more (a dict of it)
+    return Work(prepare, respond, is_compressed(encoding))
 
 
 def open_model(scope: Scope, name: str) -> tuple[Reading, LossSpec]:

@@ -317,18 +317,24 @@ def loss_call(request: InferRequest, encoding: str = "flat") -> LossCall:
             known, key = None, None
         if known is not None:
             options, grad, device, numbers, raw = known
-            arguments: dict[str, Argument] = {n: (t, True) for n, t in request.tensors.items()}
+            arguments: dict[str, Argument] = {}
+            # a loop: before Python 3.12 a comprehension is a call of its own
+            for name, tensor in request.tensors.items():
+                arguments[name] = (tensor, True)
             if numbers:
                 arguments.update(numbers)
+            # by position, float_dtype the default as _loss_call leaves it: a
+            # dataclass made with keywords costs twice as much (a dict of them)
             return LossCall(
                 spec,
                 arguments,
-                options=dict(options),
-                grad=list(grad) if isinstance(grad, list) else grad,
-                grad_output=request.grad_output,
-                device=device,
-                encoding=encoding,
-                raw_outputs=raw,
+                dict(options),
+                list(grad) if isinstance(grad, list) else grad,
+                request.grad_output,
+                device,
+                torch.float32,
+                encoding,
+                raw,
             )
     call = _loss_call(request, encoding)
     if key is not None:

@@ -123,14 +123,9 @@ def parse_infer(
         raise BadRequest(
             f"parameters.binary_data_output must be a boolean, got {quote(binary_output)}"
         )
-    request = InferRequest(
-        spec,
-        request_id,
-        tensors={},
-        parameters=parameters,
-        outputs=_parse_outputs(spec, payload["outputs"], regions) if "outputs" in payload else None,
-        binary_output=binary_output,
-    )
+    outputs = _parse_outputs(spec, payload["outputs"], regions) if "outputs" in payload else None
+    # by position: a dataclass made with keywords costs twice as much (a dict of them)
+    request = InferRequest(spec, request_id, {}, parameters, outputs, binary_output)
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise BadRequest(
@@ -139,13 +134,15 @@ def parse_infer(
     key = _inputs_key(spec, inputs, parameters) if not binary else None
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:  # inputs as a request passed every check with: only the data is new
+        tensors = request.tensors
         for item, (name, extent) in zip(inputs, plan, strict=True):
-            data, shape, datatype = item["data"], item["shape"], item["datatype"]
-            tensor = _decode_json_data(name, data, shape, extent, datatype, budget)
+            tensor = _decode_json_data(
+                name, item["data"], item["shape"], extent, item["datatype"], budget
+            )
             if name == "grad_output":
                 request.grad_output = tensor
             else:
-                request.tensors[name] = tensor
+                tensors[name] = tensor
         return request
     offset = 0
     for index, item in enumerate(inputs):
@@ -166,10 +163,10 @@ def parse_infer(
 
 # The inputs of all-JSON requests whose inputs passed every check (each
 # input's and those of the set: none twice, none missing), by model, each
-# input's name, datatype, fields and shape, and the parameters' names (a
-# number argument may come as one): clients repeat them call after call, and
-# the checks cost more than decoding small inputs (bounded: clients choose
-# them). Each input's name and extent, in order.
+# input's name, datatype and shape (its fields are the plain ones), and the
+# parameters' names (a number argument may come as one): clients repeat them
+# call after call, and the checks cost more than decoding small inputs
+# (bounded: clients choose them). Each input's name and extent, in order.
 _PLANS: dict[tuple[Any, ...], tuple[tuple[str, int], ...]] = {}
 PLANS_KEPT = 4096
 
@@ -177,31 +174,27 @@ PLANS_KEPT = 4096
 def _inputs_key(
     spec: LossSpec, inputs: list[Any], parameters: dict[str, Any]
 ) -> tuple[Any, ...] | None:
-    """The key of an all-JSON request's inputs (``_PLANS``): each input's
-    ``_plain_input``, and the parameters' names; None when any input is not
-    plain."""
-    key: list[Any] = [spec, tuple(parameters)]
+    """The key of an all-JSON request's inputs (``_PLANS``): the parameters'
+    names and each input's name, datatype and shape; None when an input is
+    not plain JSON data or any of these is not of the type the checks pass (a
+    string, integers: True and 1.0 equal 1 and must not share a memo entry).
+    Built in one pass, without a call per input: it runs on every request."""
+    key: tuple[Any, ...] = (spec, tuple(parameters))
     for item in inputs:
-        plain = _plain_input(item)
-        if plain is None:
+        if type(item) is not dict or "data" not in item or item.get("parameters"):
             return None
-        key += plain
-    return tuple(key)
-
-
-def _plain_input(item: Any) -> tuple[str, str, tuple[str, ...], tuple[int, ...]] | None:
-    """A plain JSON-data input's name, datatype, field names and shape, when
-    each is of the type the checks pass (a string, integers: True and 1.0
-    equal 1 and must not share a memo entry); None for anything else."""
-    if type(item) is not dict or "data" not in item or item.get("parameters"):
-        return None
-    name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
-    if type(name) is not str or type(datatype) is not str or type(shape) is not list:
-        return None
-    for value in shape:
-        if type(value) is not int:
+        name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
+        if type(name) is not str or type(datatype) is not str or type(shape) is not list:
             return None
-    return name, datatype, tuple(item), tuple(shape)
+        # name, datatype, shape, data and a parameters that says nothing, if
+        # any: no other field, so the field names need no place in the key
+        if len(item) != 4 + ("parameters" in item):
+            return None
+        for value in shape:
+            if type(value) is not int:
+                return None
+        key += (name, datatype, tuple(shape))
+    return key
 
 
 # JSON-data inputs whose name, fields, shape and datatype passed every check,
@@ -212,10 +205,9 @@ CHECKED_KEPT = 4096
 
 
 def _checked_key(spec: LossSpec, item: Any) -> tuple[Any, ...] | None:
-    """The key of a plain JSON-data input's checks (``_CHECKED``), or None
-    (``_plain_input``)."""
-    plain = _plain_input(item)
-    return None if plain is None else (spec, *plain)
+    """The key of a plain JSON-data input's checks (``_CHECKED``): that of a
+    request of this one input and no parameters (``_inputs_key``), or None."""
+    return _inputs_key(spec, [item], {})
 
 
 def _decode_input(
