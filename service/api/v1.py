@@ -81,7 +81,8 @@ def _json_work(
         scope["state"]["loss_stats"] = timings
         return RawResponse(content, b"application/json", [(b"server-timing", timings.header())])
 
-    return Work(prepare, respond, compressed=is_compressed(encoding))
+    # by position: a class called with a keyword builds a dict of it
+    return Work(prepare, respond, is_compressed(encoding))
 
 
 @cache  # one per loss, not one per request

@@ -90,8 +90,12 @@ def loss_call(
         fields["device"],
         float_dtype,
         fields["encoding"],
-        loc=loc,
+        NO_RAW_OUTPUTS,
+        loc,  # by position: a class called with a keyword builds a dict of it
     )
+
+
+NO_RAW_OUTPUTS: frozenset[str] = frozenset()
 
 
 def prepare_loss(
