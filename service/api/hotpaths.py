@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import v1, v2  # noqa: F401  (they fill the route table)
+from service.api.middleware import SENT_PATH
 from service.api.problems import error_response, internal_error
 from service.api.routes import COMPUTE_ROUTES, ComputeRoute, serve
 from service.errors import ServiceError
@@ -69,6 +70,7 @@ class TrailingSlash:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if len(path) > 1 and path[-1] == "/" and scope["type"] == "http":
+            scope[SENT_PATH] = path  # what the log names, as the client sent it
             scope["path"] = path[:-1]
             raw = scope.get("raw_path")
             if raw and raw.endswith(b"/"):

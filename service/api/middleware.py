@@ -37,9 +37,15 @@ OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/stati
 LOGGED_PATH_STATUSES = frozenset({301, 302, 307, 308, 404, 405})
 
 
+# the path as the client sent it, where TrailingSlash (service.api.hotpaths)
+# dropped its trailing slash before routing
+SENT_PATH = "loss_service.sent_path"
+
+
 def quote_path(scope: Scope) -> str:
-    """The request's path as the log shows it: at most QUOTE_LIMIT characters."""
-    path = str(scope.get("path", ""))
+    """The request's path as the log shows it, as the client sent it (before
+    a trailing slash was dropped): at most QUOTE_LIMIT characters."""
+    path = str(scope.get(SENT_PATH) or scope.get("path", ""))
     return path if len(path) <= QUOTE_LIMIT else f"{path[:QUOTE_LIMIT]}... ({len(path)} in all)"
 
 
