@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -154,10 +155,10 @@ def measure_size(
             times = interleaved(
                 {
                     "client": timed(
-                        lambda grad=grad: client.loss("cross_entropy", input=x, target=t, grad=grad)
+                        partial(client.loss, "cross_entropy", input=x, target=t, grad=grad)
                     ),
-                    "curl": lambda url=url, path=path, headers=headers: curl(url, path, headers),
-                    "bare": lambda path=path, echo=echo: curl(bare.base + "/", path, echo),
+                    "curl": partial(curl, url, path, headers),
+                    "bare": partial(curl, bare.base + "/", path, echo),
                 },
                 repeats,
             )

@@ -41,7 +41,7 @@ def main(directory: Path, repeats: int) -> dict[str, float]:
         if grad:
             logits = logits.clone().requires_grad_()
             loss = F.cross_entropy(logits, target)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             assert logits.grad is not None
             return loss.item()
         with torch.inference_mode():

@@ -77,7 +77,7 @@ class Kind:
 
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=1, keepdims=True))
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return np.asarray(e / e.sum(axis=1, keepdims=True), dtype=np.float32)
 
 
 def mix() -> list[Kind]:
@@ -274,7 +274,7 @@ class Result:
 
     @property
     def rps(self) -> float:
-        return self.wrk["requests"] / (self.wrk["duration_us"] / 1e6)
+        return float(self.wrk["requests"]) / (float(self.wrk["duration_us"]) / 1e6)
 
     def metrics_sum(self, routes: set[str] | None = None, status: str | None = None) -> float:
         return sum(

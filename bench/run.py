@@ -401,12 +401,12 @@ def measure(opts: Options, work: Path, started: list[Server]) -> Results:
                 {**with_grad.headers, "x-response-bytes": str(returned)},
             )
             extra = Results()
-            twins = [
+            pair = [
                 Target("plain", s, path, plain, check),
                 Target("grad", s, path, with_grad, grad_check),
                 Target("bare", b, path, echo),
             ]
-            large_time(extra, "pair", twins, opts.repeats)
+            large_time(extra, "pair", pair, opts.repeats)
             res.large[(row, grad_col)] = extra.large[("grad", "pair")]
             res.large[(BARE, grad_col)] = extra.large[("bare", "pair")]
             res.grad_pairs[(row, plain_col)] = extra.large[("plain", "pair")]

@@ -158,7 +158,7 @@ def main() -> None:
                 )
                 response = plain.post(
                     "/v1/losses/cross_entropy",
-                    content=chunks(body),
+                    content=chunks(body),  # type: ignore[arg-type]  # httpx sends memoryviews as bytes
                     headers={"Content-Type": "application/json", "Content-Length": str(len(body))},
                 )
                 response.raise_for_status()
@@ -166,7 +166,7 @@ def main() -> None:
                 return np.frombuffer(base64.b64decode(grad["b64"]), np.float32)
 
             raw_x, raw_t = bytearray(x.tobytes()), bytearray(t.tobytes())
-            table = {
+            table: dict[str, Callable[[], Any]] = {
                 f"in-process [{n},1000]": in_process(raw_x, raw_t, n),
                 f"shm http [{n},1000]": lambda: shm_call(http, httpclient),
                 f"shm grpc [{n},1000]": lambda: shm_call(grpc, grpcclient),
