@@ -85,6 +85,15 @@ def start_server(
     raise RuntimeError("server did not become ready in 60 s")
 
 
+def wait_for_workers(proc: subprocess.Popen[bytes], workers: int) -> None:
+    """Until each of a server's ``workers`` processes has said it is ready:
+    start_server returns when the first one answers /readyz."""
+    deadline = time.monotonic() + 60
+    while server_log(proc).count("Application startup complete.") < workers:
+        assert time.monotonic() < deadline, server_log(proc)
+        time.sleep(0.2)
+
+
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:

@@ -17,7 +17,7 @@ import httpx
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import server_log, start_server, stop_server
+from tests.conftest import server_log, start_server, stop_server, wait_for_workers
 
 BODY = json.dumps({"input": [[2, 1], [1, 2]], "target": [1, 0]}).encode()
 # multilabel_margin_loss does C * C work per sample: about two seconds here
@@ -104,10 +104,7 @@ def test_each_worker_drains_before_it_stops() -> None:
                               "LOSS_SERVICE_LOG_FORMAT": "json",
                               "LOSS_SERVICE_SHUTDOWN_DRAIN_SECONDS": str(drain)})  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while server_log(proc).count("Application startup complete.") < 2:
-            assert time.monotonic() < deadline, server_log(proc)
-            time.sleep(0.2)
+        wait_for_workers(proc, 2)
         proc.send_signal(signal.SIGTERM)
         signalled, signalled_at = time.monotonic(), time.time()
         time.sleep(0.5)

@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,7 +20,14 @@ from fastapi.testclient import TestClient
 from service import __version__
 from service.cli import browsable_url
 from service.config import Settings, torch_threads
-from tests.conftest import ROOT, free_port, server_log, start_server, stop_server
+from tests.conftest import (
+    ROOT,
+    free_port,
+    server_log,
+    start_server,
+    stop_server,
+    wait_for_workers,
+)
 
 BIN = Path(sys.executable).parent
 LAUNCHERS = {
@@ -189,10 +195,7 @@ def test_each_worker_logs_in_the_service_format(fmt: str) -> None:
         {"LOSS_SERVICE_DEVICE": "cpu", "LOSS_SERVICE_WORKERS": "2", "LOSS_SERVICE_LOG_FORMAT": fmt}
     )
     try:
-        deadline = time.monotonic() + 60
-        while server_log(proc).count("Application startup complete.") < 2:
-            assert time.monotonic() < deadline, server_log(proc)
-            time.sleep(0.2)
+        wait_for_workers(proc, 2)
         assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
         proc.terminate()
         proc.wait(timeout=30)
