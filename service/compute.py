@@ -269,7 +269,8 @@ def plan(call: LossCall, settings: Settings, timings: Timings) -> Plan:
 # dtype and whether that dtype was explicit, the options, the gradients
 # asked for, the encoding): clients repeat theirs, and finding them again
 # cost more than a small loss. The checks that read values (class indices in
-# range, BCE's [0, 1], ...) run on every call (bounded: clients choose them).
+# range, BCE's [0, 1], ...) run on every call; a call whose cost read a value
+# (CTC's longest target) is not remembered (bounded: clients choose them).
 @dataclass(frozen=True)
 class Planned:
     names: tuple[str, ...]  # the tensors' names, in the table's order
@@ -297,11 +298,11 @@ def _structure(call: LossCall) -> tuple[Any, ...]:
         tuple(call.options.items()),
     )
     for name, given in call.arguments.items():
-        if isinstance(given, float):
-            key += ((name,),)
-        else:
+        if isinstance(given, tuple):
             tensor, explicit = given
             key += ((name, tensor.shape, tensor.dtype, explicit, tensor.is_cuda),)
+        else:  # a number, or None (which assign_roles reads as not given)
+            key += ((name, given is None),)
     return key
 
 

@@ -197,3 +197,13 @@ def test_a_remembered_structure_skips_the_role_and_cost_steps(
     assert outcome(CALLS["indices"]) == expected
     got = outcome(CALLS["index out of range"])
     assert got[0] == "error" and "class index 3 out of range" in got[3]
+
+
+def test_an_argument_given_as_none_is_one_not_given() -> None:
+    """As ``assign_roles`` reads it (no front door sends one)."""
+    call = CALLS["indices"]
+    arguments: dict[str, Any] = {**call.arguments, "weight": None}
+    with_none = LossCall(call.spec, arguments, call.options)
+    expected = fresh(call)
+    assert fresh(with_none) == expected
+    assert outcome(with_none) == expected  # remembered, and taken again
