@@ -319,7 +319,7 @@ def _by_structure(spec: LossSpec, arguments: dict[str, Argument], tensors: Tenso
         if arg.role == "class_target" and isinstance(raw, torch.Tensor):
             input = tensors["input"]
             assert isinstance(input, torch.Tensor)
-            if raw.shape != input.shape and raw.dim() == input.dim():
+            if role_by_shape(raw, input) is None:
                 return False
     return True
 
@@ -446,6 +446,15 @@ def wire_role(role: str) -> Role:
     return "index" if role == "index" else "any" if role == "class_target" else "float"
 
 
+def role_by_shape(target: torch.Tensor, input: torch.Tensor) -> bool | None:
+    """Whether a class target is probabilities, as its shape tells: yes when
+    shaped like input, no (class indices) at another rank; None at input's
+    rank with another shape, where fractions in it decide (``assign_roles``)."""
+    if target.shape == input.shape:
+        return True
+    return False if target.dim() != input.dim() else None
+
+
 def assign_roles(
     spec: LossSpec, arguments: dict[str, Argument], float_dtype: torch.dtype
 ) -> Tensors:
@@ -466,10 +475,8 @@ def assign_roles(
         if arg.role == "class_target":
             input = tensors["input"]
             assert isinstance(input, torch.Tensor)
-            # probabilities: input's shape, or fractions (no class index) at input's rank
-            probabilities = raw.shape == input.shape or (
-                raw.dim() == input.dim() and has_fractions(raw)
-            )
+            by_shape = role_by_shape(raw, input)
+            probabilities = by_shape if by_shape is not None else has_fractions(raw)
             role = "float" if probabilities else "index"
         try:
             tensors[arg.name] = coerce_role(
